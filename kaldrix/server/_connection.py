@@ -1,0 +1,346 @@
+"""One client connection: a reader, a writer and a liveness watcher in their own nursery.
+
+The reader turns frames into commands (answering PING, AUTH, REQUEST_METRICS and every
+refusal itself) and forwards SUBSCRIBE/UNSUBSCRIBE/PUBLISH to the router's inbox. The
+writer drains the bounded outbox, joining whatever is queued into one socket write.
+Closing the connection is cancelling its nursery; cleanup happens in `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .. import __version__
+from ..protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    CloseCode,
+    Command,
+    CommandType,
+    ErrorCode,
+    MetricsResponse,
+    Pong,
+    ProtocolError,
+    ReplyType,
+    UserInfo,
+    Welcome,
+    decode_command,
+    new_id,
+    now_timestamp,
+)
+from ..security import AuthError, Principal, may_admin, may_publish, may_subscribe
+from ._frames import error_frame, reply_frame
+from ._router import RouterRequest
+from ._wire import abort, check_compatible, send_frames
+
+if TYPE_CHECKING:
+    from ._gateway import Gateway
+
+log = logging.getLogger("kaldrix.connection")
+audit = logging.getLogger("kaldrix.audit")
+
+WRITE_BATCH_BYTES = 256 * 1024
+"""Queued frames are joined into one socket write up to about this many bytes."""
+
+
+class Connection:
+    """The server side of one WebSocket client."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        ws: WebSocketConnection,
+        *,
+        remote: str,
+        principal: Principal | None = None,
+        auth_error: str | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.metrics = gateway.metrics
+        self.ws = ws
+        self.remote = remote
+        self.session_id = new_id()
+        self.principal = principal
+        self.channels: set[str] = set()
+        self._auth_error = auth_error
+        self._outbox, self._outbox_reader = trio.open_memory_channel[tuple[bytes, float]](self.config.outbox_size)
+        self._inbox = gateway.router_inbox
+        self._scope = trio.CancelScope()
+        self._auth_changed = trio.Event()
+        self._mid_write = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    # -- called by the router and the gateway (never wait) --------------------------
+
+    def offer(self, frame: bytes, accepted_at: float) -> bool:
+        """Queue a frame; False when the outbox is full or gone."""
+        try:
+            self._outbox.send_nowait((frame, accepted_at))
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    def kick(self, code: int, reason: str) -> bool:
+        """Close soon with `code`; True only for the first call."""
+        if self.close_code is not None:
+            return False
+        self.close_code = code
+        self.close_reason = reason
+        self._scope.cancel()
+        return True
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until either side closes it."""
+        check_compatible(self.ws)
+        log.info("connect %s session=%s user=%s", self.remote, self.session_id, self._who())
+        self._reply(ReplyType.WELCOME, self._welcome())
+        if self._auth_error is not None:
+            self._refuse_auth(self._auth_error, ref=None)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read)
+                    nursery.start_soon(self._write)
+                    nursery.start_soon(self._heartbeat)
+                    nursery.start_soon(self._watch_auth)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _finish(self) -> None:
+        self._outbox.close()
+        self._outbox_reader.close()
+        detach = RouterRequest(origin=self, detach=True)
+        try:
+            self._inbox.send_nowait(detach)
+        except trio.WouldBlock:
+            with trio.move_on_after(self.config.close_timeout):
+                await self._inbox.send(detach)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        code = self.close_code or CloseCode.NORMAL
+        if self._mid_write:
+            await abort(self.ws)
+        else:
+            with trio.move_on_after(self.config.close_timeout) as scope:
+                await self.ws.aclose(code, self.close_reason or None)
+            if scope.cancelled_caught:
+                await abort(self.ws)
+        peer = self.ws.closed
+        reason = self.close_reason or (f"peer closed {peer.code} {peer.reason or ''}".strip() if peer else "closed")
+        log.info("disconnect %s session=%s code=%s reason=%s", self.remote, self.session_id, code if self.close_code else (peer.code if peer else code), reason)
+
+    # -- tasks ---------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self.ws.get_message()
+                self.metrics.messages_in += 1
+                self.metrics.bytes_in += len(message)
+                await self._handle(message)
+        except ConnectionClosed as exc:
+            if exc.reason is not None and exc.reason.code == CloseCode.TOO_BIG and self.close_code is None:
+                self.metrics.error(ErrorCode.TOO_LARGE)
+                self.close_code = CloseCode.TOO_BIG
+                self.close_reason = "message too big"
+        self._scope.cancel()
+
+    async def _write(self) -> None:
+        reader = self._outbox_reader
+        metrics = self.metrics
+        while True:
+            frame, accepted_at = await reader.receive()
+            frames = [frame]
+            stamps = [accepted_at] if accepted_at else []
+            size = len(frame)
+            while size < WRITE_BATCH_BYTES:
+                try:
+                    frame, accepted_at = reader.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                frames.append(frame)
+                size += len(frame)
+                if accepted_at:
+                    stamps.append(accepted_at)
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            self._mid_write = True
+            try:
+                await send_frames(self.ws, data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._mid_write = False
+                self._scope.cancel()
+                return
+            self._mid_write = False
+            metrics.messages_out += len(frames)
+            metrics.bytes_out += size
+            if stamps:
+                now = time.monotonic()
+                for stamp in stamps:
+                    metrics.record_delivery(now - stamp)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await trio.sleep(self.config.ping_interval)
+            with trio.move_on_after(self.config.ping_timeout) as scope:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if scope.cancelled_caught:
+                self.kick(CloseCode.POLICY, "ping timeout")
+                return
+
+    async def _watch_auth(self) -> None:
+        """Close with 4001 when a required AUTH never comes or a token runs out."""
+        while True:
+            changed = self._auth_changed = trio.Event()
+            principal = self.principal
+            if principal is None:
+                if not self._auth_required:
+                    await changed.wait()
+                    continue
+                with trio.move_on_after(self.config.auth_timeout):
+                    await changed.wait()
+                    continue
+                self.kick(CloseCode.AUTH_FAILED, "authentication timeout")
+                return
+            if principal.expires_at is None:
+                await changed.wait()
+                continue
+            with trio.move_on_after(max(0.0, principal.expires_at - time.time())):
+                await changed.wait()
+                continue
+            audit.warning("token expired remote=%s sub=%s", self.remote, principal.sub)
+            self.kick(CloseCode.AUTH_FAILED, "token expired")
+            return
+
+    # -- commands ------------------------------------------------------------------
+
+    @property
+    def _auth_required(self) -> bool:
+        return self.config.require_auth
+
+    async def _handle(self, message: str | bytes) -> None:
+        command = decode_command(message)
+        if isinstance(command, ProtocolError):
+            self._refuse(command)
+            return
+        if self.principal is None and self._auth_required and command.type is not CommandType.AUTH:
+            self._refuse(ProtocolError(ErrorCode.UNAUTHORIZED, "authenticate first with AUTH", ref=command.id))
+            return
+        match command.type:
+            case CommandType.PING:
+                self._reply(ReplyType.PONG, Pong(server_time=now_timestamp(), t=command.payload.t))
+            case CommandType.AUTH:
+                self._authenticate(command.payload.token, command.id)
+            case CommandType.REQUEST_METRICS:
+                self._answer_metrics(command)
+            case CommandType.SUBSCRIBE:
+                await self._subscribe(command)
+            case CommandType.UNSUBSCRIBE:
+                await self._inbox.send(RouterRequest(command=command, origin=self))
+            case CommandType.PUBLISH:
+                await self._publish(command)
+
+    async def _subscribe(self, command: Command) -> None:
+        open_mode = self.gateway.open_mode
+        for index, channel in enumerate(command.payload.channels):
+            if reason := may_subscribe(self.principal, channel, open_mode=open_mode):
+                self._refuse(ProtocolError(ErrorCode.FORBIDDEN, reason, f"payload.channels[{index}]", command.id))
+                return
+        await self._inbox.send(RouterRequest(command=command, origin=self))
+
+    async def _publish(self, command: Command) -> None:
+        reason = may_publish(
+            self.principal,
+            open_mode=self.gateway.open_mode,
+            allow_anonymous_publish=self.config.allow_anonymous_publish,
+        )
+        if reason:
+            self._refuse(ProtocolError(ErrorCode.FORBIDDEN, reason, ref=command.id))
+            return
+        events = command.payload.all_events
+        if len(events) > self.config.max_batch_size:
+            self._refuse(
+                ProtocolError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"at most {self.config.max_batch_size} events per PUBLISH",
+                    "payload.events",
+                    command.id,
+                )
+            )
+            return
+        await self._inbox.send(RouterRequest(command=command, origin=self))
+
+    def _answer_metrics(self, command: Command) -> None:
+        if reason := may_admin(self.principal, open_mode=self.gateway.open_mode):
+            self._refuse(ProtocolError(ErrorCode.FORBIDDEN, reason, ref=command.id))
+            return
+        kind = command.payload.type
+        try:
+            snapshot = self.gateway.metrics_snapshot(kind)
+        except ValueError as exc:
+            self._refuse(ProtocolError(ErrorCode.INVALID_PAYLOAD, str(exc), "payload.type", command.id))
+            return
+        self._reply(ReplyType.METRICS_RESPONSE, MetricsResponse(type=kind, metrics=snapshot))
+
+    def _authenticate(self, token: str, ref: str | None) -> None:
+        verifier = self.gateway.verifier
+        if verifier.open_mode:
+            self._refuse(
+                ProtocolError(ErrorCode.UNAUTHORIZED, "this server has no JWT key configured: tokens cannot be verified", ref=ref)
+            )
+            return
+        try:
+            principal = verifier.verify(token)
+        except AuthError as exc:
+            self._refuse_auth(exc.reason, ref)
+            return
+        if self.principal is not None and principal.sub != self.principal.sub:
+            self._refuse(ProtocolError(ErrorCode.FORBIDDEN, "a refreshed token must be for the same subject", ref=ref))
+            return
+        self.principal = principal
+        self._auth_changed.set()
+        self._reply(ReplyType.ACK, Ack(ref=ref, user=UserInfo(sub=principal.sub, role=principal.role.value)))
+
+    def _refuse_auth(self, reason: str, ref: str | None) -> None:
+        audit.warning("authentication failed remote=%s reason=%s", self.remote, reason)
+        self._refuse(ProtocolError(ErrorCode.UNAUTHORIZED, reason, ref=ref))
+        self.kick(CloseCode.AUTH_FAILED, "authentication failed")
+
+    # -- replies -------------------------------------------------------------------
+
+    def _reply(self, reply: ReplyType, payload: Any) -> None:
+        if not self.offer(reply_frame(reply, payload), 0.0):
+            self.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
+
+    def _refuse(self, error: ProtocolError) -> None:
+        self.metrics.error(error.code)
+        if not self.offer(error_frame(error), 0.0):
+            self.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
+
+    def _welcome(self) -> Welcome:
+        user = None if self.principal is None else UserInfo(sub=self.principal.sub, role=self.principal.role.value)
+        return Welcome(
+            session_id=self.session_id,
+            server_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            heartbeat_interval=int(self.config.ping_interval * 1000),
+            authenticated=self.principal is not None,
+            user=user,
+        )
+
+    def _who(self) -> str:
+        return "anonymous" if self.principal is None else f"{self.principal.sub}({self.principal.role.value})"

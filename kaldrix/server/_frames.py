@@ -1,0 +1,19 @@
+"""Encoding server messages into ready-to-write WebSocket frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..protocol import Envelope, ErrorPayload, ProtocolError, ReplyType, new_id
+from ._wire import text_frame
+
+
+def reply_frame(reply: ReplyType, payload: Any) -> bytes:
+    """A control message (WELCOME, ACK, ERROR, PONG, METRICS_RESPONSE) as one frame."""
+    return text_frame(Envelope(reply.value, payload, id=new_id()).encode())
+
+
+def error_frame(error: ProtocolError) -> bytes:
+    """An ERROR frame for a refused message."""
+    payload = ErrorPayload(code=error.code, message=error.message, ref=error.ref, path=error.path)
+    return reply_frame(ReplyType.ERROR, payload)

@@ -1,0 +1,267 @@
+"""The gateway: one root nursery holding the router, the listener, every connection,
+the simulator and the metrics sampler.
+
+    Gateway.run ── root nursery
+     ├─ router task (owns subscriptions)          ◀── inbox ── connections, simulator
+     ├─ listener (trio.serve_tcp) → per connection: HTTP answer, or WebSocket nursery
+     ├─ simulator (optional)
+     └─ metrics sampler
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+from urllib.parse import unquote
+
+import trio
+from trio_websocket import wrap_server_stream
+
+from .. import __version__
+from ..broker import MemoryBroker
+from ..config import Config
+from ..metrics import Metrics
+from ..protocol import (
+    Command,
+    CommandType,
+    Envelope,
+    Publish,
+    as_published,
+)
+from ..security import AuthError, Principal, TokenVerifier
+from ._connection import Connection
+from ._http import BadRequest, ReplayStream, RequestHead, Response, read_head, respond
+from ._router import Router, RouterRequest
+
+log = logging.getLogger("kaldrix.server")
+
+ROUTER_INBOX_SIZE = 4096
+WEBSOCKET_PATHS = ("/", "/ws")
+SAMPLING_INTERVAL = 5.0
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Gateway:
+    """A kaldrix server. Start it with ``await nursery.start(gateway.run)``.
+
+    Args:
+        config: every setting (see kaldrix.config.Config).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.broker = MemoryBroker(
+            history_size=config.history_size,
+            history_ttl=config.history_ttl,
+            dedup_window=config.dedup_window,
+        )
+        self.router = Router(self.broker, self.metrics, max_channels_per_connection=config.max_channels_per_connection)
+        self.verifier = TokenVerifier.from_config(config)
+        self.router_inbox, self._router_inbox_reader = trio.open_memory_channel[RouterRequest](ROUTER_INBOX_SIZE)
+        self.connections: set[Connection] = set()
+        self.draining = False
+        self.port: int | None = None
+        self._listen_scope = trio.CancelScope()
+        self._root_scope: trio.CancelScope | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def open_mode(self) -> bool:
+        """True when no JWT key is configured: anyone may connect (development)."""
+        return self.verifier.open_mode
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"ws://{host}:{self.port}/ws"
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `shutdown` or cancellation; `task_status.started(self)` once listening."""
+        async with trio.open_nursery() as root:
+            self._root_scope = root.cancel_scope
+            await root.start(self.router.run, self._router_inbox_reader)
+            listeners = await root.start(self._listen, root)
+            self.port = listeners[0].socket.getsockname()[1]
+            if self.config.simulate:
+                from ..sim import run_simulator
+
+                await root.start(
+                    functools.partial(
+                        run_simulator,
+                        self.publish_events,
+                        seed=self.config.sim_seed,
+                        block_interval=self.config.sim_block_interval,
+                        rate=self.config.sim_rate,
+                    )
+                )
+            root.start_soon(self._sample_metrics)
+            log.info("kaldrix %s listening on %s (http://%s:%s/healthz)", __version__, self.url, self.config.host, self.port)
+            if self.open_mode:
+                log.warning(
+                    "OPEN MODE: no JWT secret or public key configured; anyone can connect%s. "
+                    "Set --jwt-secret or --jwt-public-key in production.",
+                    " and publish" if self.config.allow_anonymous_publish else "",
+                )
+            task_status.started(self)
+
+    async def _listen(self, handler_nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with self._listen_scope:
+            await trio.serve_tcp(
+                self._handle_tcp,
+                self.config.port,
+                host=self.config.host,
+                handler_nursery=handler_nursery,
+                task_status=task_status,
+            )
+
+    async def shutdown(self, code: int = 1001, reason: str = "server shutting down") -> None:
+        """Stop accepting, close every client with `code`, wait for them (bounded), stop."""
+        self.draining = True
+        self._listen_scope.cancel()
+        for conn in list(self.connections):
+            conn.kick(code, reason)
+        with trio.move_on_after(self.config.shutdown_timeout):
+            await self._idle.wait()
+        if self._root_scope is not None:
+            self._root_scope.cancel()
+
+    async def publish_events(self, events: list[Envelope]) -> None:
+        """In-process producers (the simulator) publish through the router like anyone."""
+        command = Command(CommandType.PUBLISH, Publish(events=[as_published(e) for e in events]))
+        await self.router_inbox.send(RouterRequest(command=command))
+
+    def metrics_snapshot(self, kind: str = "all") -> dict[str, Any]:
+        """The getMetrics-style snapshot, with the router's and broker's counts."""
+        snapshot = self.metrics.snapshot(kind)
+        if kind == "all":
+            snapshot["router"] = {
+                "channels": self.router.channel_count,
+                "subscriptions": self.router.subscriber_count(),
+                **self.broker.statistics(),
+            }
+        return snapshot
+
+    async def _sample_metrics(self) -> None:
+        while True:
+            await trio.sleep(SAMPLING_INTERVAL)
+            self.metrics.sample(time.monotonic())
+
+    # -- per TCP connection -----------------------------------------------------------
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        accepted_at = time.monotonic()
+        remote = _peer(stream)
+        try:
+            await self._serve_stream(stream, remote, accepted_at)
+        except Exception:  # noqa: BLE001 - one connection must never take the server down
+            log.exception("connection from %s failed", remote)
+            self.metrics.connection_failed()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _serve_stream(self, stream: trio.SocketStream, remote: str, accepted_at: float) -> None:
+        head: RequestHead | None = None
+        with trio.move_on_after(self.config.handshake_timeout):
+            try:
+                head = await read_head(stream)
+            except BadRequest as exc:
+                await respond(stream, Response.json(400, {"error": str(exc)}))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        if head is None:
+            self.metrics.connection_failed()
+            await stream.aclose()
+            return
+        if not head.is_websocket_upgrade:
+            await respond(stream, self._http(head), head_only=head.method == "HEAD")
+            return
+        if head.path not in WEBSOCKET_PATHS:
+            await respond(stream, Response.json(404, {"error": f"no WebSocket endpoint at {head.path}; use /ws"}))
+            return
+        if self.draining:
+            await respond(stream, Response.json(503, {"error": "server is shutting down"}, headers=(("Retry-After", "1"),)))
+            return
+        await self._serve_websocket(stream, head, remote, accepted_at)
+
+    async def _serve_websocket(self, stream: trio.SocketStream, head: RequestHead, remote: str, accepted_at: float) -> None:
+        principal, auth_error = self._handshake_principal(head)
+        async with trio.open_nursery() as nursery:
+            ws = None
+            with trio.move_on_after(self.config.handshake_timeout):
+                request = await wrap_server_stream(
+                    nursery, ReplayStream(stream, head.raw), max_message_size=self.config.max_message_size
+                )
+                ws = await request.accept()
+            if ws is None:
+                self.metrics.connection_failed()
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            conn = Connection(self, ws, remote=remote, principal=principal, auth_error=auth_error)
+            self.connections.add(conn)
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self.metrics.connection_opened()
+            self.metrics.record_connect(time.monotonic() - accepted_at)
+            try:
+                await conn.run()
+            finally:
+                self.connections.discard(conn)
+                self.metrics.connection_closed()
+                if not self.connections:
+                    self._idle.set()
+                nursery.cancel_scope.cancel()
+
+    def _handshake_principal(self, head: RequestHead) -> tuple[Principal | None, str | None]:
+        """Who the handshake's token says the client is, or why it is refused."""
+        token = None
+        authorization = head.headers.get("authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip()
+        elif head.query.get("token"):
+            token = unquote(head.query["token"][0])
+        if token is None:
+            return None, None
+        if self.verifier.open_mode:
+            return None, None
+        try:
+            return self.verifier.verify(token), None
+        except AuthError as exc:
+            return None, exc.reason
+
+    # -- ops HTTP ------------------------------------------------------------------------
+
+    def _http(self, head: RequestHead) -> Response:
+        if head.method not in ("GET", "HEAD"):
+            return Response.json(405, {"error": "method not allowed"}, headers=(("Allow", "GET, HEAD"),))
+        match head.path:
+            case "/healthz":
+                return Response.json(200, {"status": "ok", "version": __version__})
+            case "/readyz":
+                if self.draining:
+                    return Response.json(503, {"ready": False, "reason": "draining"})
+                return Response.json(200, {"ready": True})
+            case "/":
+                return Response(200, _landing_page(), content_type="text/plain; charset=utf-8")
+        return Response.json(404, {"error": f"not found: {head.path}"})
+
+
+def _landing_page() -> bytes:
+    return (
+        f"kaldrix {__version__}: the real-time event gateway of the KALDRIX chain.\n"
+        "WebSocket endpoint: /ws (protocol v1)\n"
+        "Health: /healthz  Readiness: /readyz\n"
+    ).encode()

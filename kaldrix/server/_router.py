@@ -1,0 +1,283 @@
+"""The router: the one owner of subscriptions, and the fan-out of every event.
+
+It is a plain class (`Router.handle(request)`), driven by one trio task that reads
+its inbox. It never awaits a client: each frame goes into a subscriber's bounded
+outbox with `offer` (a `send_nowait`), and a subscriber whose outbox is full is
+dropped as a slow consumer (close 4008; it recovers from history on reconnect).
+Each event is encoded once per channel, never once per subscriber.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import orjson
+import trio
+
+from ..broker import MemoryBroker, Position
+from ..protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    ChannelPosition,
+    CloseCode,
+    Command,
+    ErrorCode,
+    Publish,
+    PublishedEvent,
+    PublishResult,
+    ProtocolError,
+    ReplyType,
+    Subscribe,
+    Unsubscribe,
+    channels_for,
+    converter,
+    new_id,
+    now_timestamp,
+)
+from ._frames import error_frame, reply_frame
+from ._wire import text_frame
+
+log = logging.getLogger("kaldrix.router")
+
+
+class Subscriber(Protocol):
+    """What the router needs of a connection."""
+
+    session_id: str
+    channels: set[str]
+
+    def offer(self, frame: bytes, accepted_at: float) -> bool:
+        """Queue a frame without waiting; False when the outbox is full or closed."""
+
+    def kick(self, code: int, reason: str) -> bool:
+        """Close the connection soon with `code` (never waits); True the first time."""
+
+
+@attrs.frozen
+class RouterRequest:
+    """One item of the router's inbox.
+
+    `origin` is the connection that sent the command (None for in-process producers
+    such as the simulator); `on_result` receives the ACK payload or ProtocolError of
+    a PUBLISH from an in-process producer.
+    """
+
+    command: Command | None = None
+    origin: Subscriber | None = None
+    detach: bool = False
+    on_result: Callable[[Ack | ProtocolError], None] | None = None
+
+
+def _event_bytes(event_type: str, payload: bytes, event_id: str, timestamp: str, channel: str) -> Callable[[int, str], bytes]:
+    """The frame builder the broker calls once it has given the event its offset."""
+
+    def build(offset: int, epoch: str) -> bytes:
+        return text_frame(
+            orjson.dumps(
+                {
+                    "type": event_type,
+                    "payload": orjson.Fragment(payload),
+                    "timestamp": timestamp,
+                    "id": event_id,
+                    "version": PROTOCOL_VERSION,
+                    "channel": channel,
+                    "offset": offset,
+                    "epoch": epoch,
+                }
+            )
+        )
+
+    return build
+
+
+class Router:
+    """Subscriptions, offsets and fan-out for one gateway process.
+
+    Args:
+        broker: holds offsets, epochs, history and the dedup window.
+        metrics: counters and histograms (a kaldrix.metrics.Metrics), or None.
+        max_channels_per_connection: SUBSCRIBE beyond it gets LIMIT_EXCEEDED.
+    """
+
+    def __init__(self, broker: MemoryBroker, metrics: Any = None, *, max_channels_per_connection: int = 256) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        self.max_channels_per_connection = max_channels_per_connection
+        self._subscribers: dict[str, set[Subscriber]] = {}
+
+    # -- inbox ------------------------------------------------------------------
+
+    def handle(self, request: RouterRequest) -> None:
+        """Carry out one inbox request; never raises for a client's sake."""
+        origin = request.origin
+        if request.detach:
+            assert origin is not None
+            self.detach(origin)
+            return
+        command = request.command
+        assert command is not None
+        try:
+            payload = command.payload
+            if isinstance(payload, Subscribe):
+                assert origin is not None
+                self._subscribe(origin, command.id, payload)
+            elif isinstance(payload, Unsubscribe):
+                assert origin is not None
+                self._unsubscribe(origin, command.id, payload)
+            elif isinstance(payload, Publish):
+                result = self.publish(payload, ref=command.id)
+                if request.on_result is not None:
+                    request.on_result(result)
+                elif origin is not None:
+                    self._answer(origin, result)
+            else:
+                raise TypeError(f"router got {type(payload).__name__}")
+        except Exception:  # noqa: BLE001 - one bad request must not stop the router
+            log.exception("router failed on %s", command.type)
+            error = ProtocolError(ErrorCode.INTERNAL, "internal error", ref=command.id)
+            if origin is not None:
+                self._send(origin, error_frame(error))
+            if request.on_result is not None:
+                request.on_result(error)
+
+    async def run(self, inbox: trio.MemoryReceiveChannel[RouterRequest], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the inbox until it is closed or the task is cancelled."""
+        task_status.started()
+        async for request in inbox:
+            self.handle(request)
+
+    # -- subscriptions -------------------------------------------------------------
+
+    def _subscribe(self, conn: Subscriber, ref: str | None, payload: Subscribe) -> None:
+        wanted = list(dict.fromkeys(payload.channels))
+        if len(conn.channels | set(wanted)) > self.max_channels_per_connection:
+            error = ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {self.max_channels_per_connection} channels per connection",
+                path="payload.channels",
+                ref=ref,
+            )
+            self._send(conn, error_frame(error))
+            return
+        positions: dict[str, ChannelPosition] = {}
+        replays: list[bytes] = []
+        for name in wanted:
+            current = self.broker.position(name)
+            since = (payload.since or {}).get(name)
+            frames: list[bytes] = []
+            recovered = False
+            if since is not None:
+                replay = self.broker.replay(name, Position(since.offset, since.epoch))
+                recovered = replay is not None
+                frames = replay or []
+            positions[name] = ChannelPosition(current.offset, current.epoch, recovered, len(frames))
+            replays.extend(frames)
+            self._subscribers.setdefault(name, set()).add(conn)
+            conn.channels.add(name)
+        if self.metrics is not None:
+            self.metrics.replayed += len(replays)
+        if self._send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref, channels=positions))):
+            for frame in replays:
+                if not self._send(conn, frame):
+                    break
+
+    def _unsubscribe(self, conn: Subscriber, ref: str | None, payload: Unsubscribe) -> None:
+        for name in payload.channels:
+            self._leave(conn, name)
+        self._send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref)))
+
+    def _leave(self, conn: Subscriber, name: str) -> None:
+        conn.channels.discard(name)
+        members = self._subscribers.get(name)
+        if members is not None:
+            members.discard(conn)
+            if not members:
+                del self._subscribers[name]
+
+    def detach(self, conn: Subscriber) -> None:
+        """Forget a connection entirely (it closed)."""
+        for name in list(conn.channels):
+            self._leave(conn, name)
+
+    def subscriber_count(self, channel: str | None = None) -> int:
+        """Subscriptions on one channel, or in total: for metrics and leak checks."""
+        if channel is not None:
+            return len(self._subscribers.get(channel, ()))
+        return sum(len(members) for members in self._subscribers.values())
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._subscribers)
+
+    # -- publishing -------------------------------------------------------------
+
+    def publish(self, payload: Publish, *, ref: str | None = None) -> Ack:
+        """Route, number, store and fan out every event of a PUBLISH, in order."""
+        started = time.monotonic()
+        results: list[PublishResult] = []
+        for event in payload.all_events:
+            results.append(self._publish_one(event, payload.channel))
+        if self.metrics is not None:
+            self.metrics.record_fanout(time.monotonic() - started)
+        return Ack(ref=ref, results=results)
+
+    def _publish_one(self, event: PublishedEvent, channel: str | None) -> PublishResult:
+        event_id = event.id or new_id()
+        if event.id is not None:
+            known = self.broker.recall(event_id)
+            if known is not None:
+                if self.metrics is not None:
+                    self.metrics.duplicates += 1
+                return PublishResult(id=event_id, offsets=known, duplicate=True)
+        accepted_at = time.monotonic()
+        timestamp = now_timestamp()
+        payload_json = orjson.dumps(converter.unstructure(event.payload))
+        names = [channel] if channel is not None else channels_for(event.type, event.payload)
+        offsets: dict[str, int] = {}
+        delivered = 0
+        for name in names:
+            build = _event_bytes(event.type.value, payload_json, event_id, timestamp, name)
+            offset, frame = self.broker.append(name, build, accepted_at)
+            offsets[name] = offset
+            delivered += self._fan_out(name, frame, accepted_at)
+        self.broker.remember(event_id, offsets)
+        if self.metrics is not None:
+            self.metrics.events_published += 1
+            self.metrics.broadcasts += len(names)
+            self.metrics.deliveries += delivered
+        return PublishResult(id=event_id, offsets=offsets)
+
+    def _fan_out(self, channel: str, frame: bytes, accepted_at: float) -> int:
+        members = self._subscribers.get(channel)
+        if not members:
+            return 0
+        slow = [conn for conn in members if not conn.offer(frame, accepted_at)]
+        delivered = len(members) - len(slow)
+        for conn in slow:
+            self._drop_slow(conn)
+        return delivered
+
+    # -- sending --------------------------------------------------------------
+
+    def _send(self, conn: Subscriber, frame: bytes) -> bool:
+        if conn.offer(frame, 0.0):
+            return True
+        self._drop_slow(conn)
+        return False
+
+    def _answer(self, conn: Subscriber, result: Ack | ProtocolError) -> None:
+        if isinstance(result, ProtocolError):
+            self._send(conn, error_frame(result))
+        else:
+            self._send(conn, reply_frame(ReplyType.ACK, result))
+
+    def _drop_slow(self, conn: Subscriber) -> None:
+        self.detach(conn)
+        if conn.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full"):
+            log.warning("slow consumer %s: outbox full, closing with 4008", conn.session_id)
+            if self.metrics is not None:
+                self.metrics.slow_consumer_closes += 1
