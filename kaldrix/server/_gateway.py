@@ -55,12 +55,14 @@ class Gateway:
 
     Args:
         config: every setting (see kaldrix.config.Config).
+        broker: where offsets and history live; a new MemoryBroker when None. Passing
+            the broker of a previous gateway restarts a node without losing history.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, broker: MemoryBroker | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.broker = MemoryBroker(
+        self.broker = broker or MemoryBroker(
             history_size=config.history_size,
             history_ttl=config.history_ttl,
             dedup_window=config.dedup_window,
