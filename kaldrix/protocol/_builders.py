@@ -7,6 +7,9 @@ own timestamp when it is left out, and returns an Envelope with a fresh `id`,
 
 from __future__ import annotations
 
+import enum
+import functools
+import typing
 from typing import Any
 
 from ._codec import Envelope, new_id
@@ -20,9 +23,24 @@ _TIME_FIELD = {EventType.NODE_STATUS: "last_update"}
 def build_event(event_type: EventType | str, /, *, message_id: str | None = None, **fields: Any) -> Envelope:
     """Build an event message of any type from its payload fields."""
     event_type = EventType(event_type)
-    fields.setdefault(_TIME_FIELD.get(event_type, "timestamp"), now_timestamp())
-    payload = EVENT_PAYLOADS[event_type](**fields)
+    time_field = _TIME_FIELD.get(event_type, "timestamp")
+    if time_field not in fields:
+        fields[time_field] = now_timestamp()
+    payload_cls = EVENT_PAYLOADS[event_type]
+    for name, kind in _enum_fields(payload_cls).items():
+        if isinstance(fields.get(name), str):
+            fields[name] = kind(fields[name])
+    payload = payload_cls(**fields)
     return Envelope(type=event_type.value, payload=payload, id=message_id or new_id())
+
+
+@functools.cache
+def _enum_fields(cls: type) -> dict[str, type[enum.Enum]]:
+    """The payload fields whose type is an enum, so builders accept plain strings too."""
+    hints = typing.get_type_hints(cls)
+    return {
+        name: kind for name, kind in hints.items() if isinstance(kind, type) and issubclass(kind, enum.Enum)
+    }
 
 
 def build_new_block_message(**fields: Any) -> Envelope:

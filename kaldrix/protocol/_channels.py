@@ -30,7 +30,7 @@ def channel_problem(name: str) -> str | None:
     if prefix not in PARAMETER_PREFIXES:
         known = ", ".join(sorted(PARAMETER_PREFIXES))
         return f"unknown channel prefix {prefix!r}: expected one of {known}"
-    if not _PARAMETER.match(parameter):
+    if not _PARAMETER.fullmatch(parameter):
         return "channel parameters are 1-128 characters of A-Z a-z 0-9 _ . -"
     return None
 

@@ -10,7 +10,6 @@ from ._errors import ErrorCode
 from ._events import EventPayload
 from ._types import CommandType, Count, EventType, ReplyType, Timestamp
 
-
 # -- client -> server ---------------------------------------------------------------
 
 
@@ -128,7 +127,7 @@ class PublishResult:
 class Ack:
     """ACK: the command whose `id` is `ref` succeeded."""
 
-    ref: str | None
+    ref: str | None = None
     channels: dict[str, ChannelPosition] | None = None
     results: list[PublishResult] | None = None
     user: UserInfo | None = None
@@ -150,6 +149,7 @@ class Pong:
 
     server_time: Timestamp
     t: Any = None
+    ref: str | None = None
 
 
 @attrs.frozen
@@ -158,6 +158,7 @@ class MetricsResponse:
 
     type: str
     metrics: dict[str, Any]
+    ref: str | None = None
 
 
 COMMAND_PAYLOADS: dict[CommandType, type[Any]] = {

@@ -108,14 +108,11 @@ def _rename_notes(group: ClassValidationError) -> None:
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
 
-    # Exact-type predicates: a class registration would also catch StrEnum/IntEnum.
-    for exact, hook in (
-        (str, _expect(str, "a string")),
-        (int, _expect(int, "an integer")),
-        (float, _structure_float),
-        (bool, _structure_bool),
-    ):
-        conv.register_structure_hook_func(lambda cls, exact=exact: cls is exact, hook)
+    # Class registrations also match subclasses (StrEnum); each enum gets its own below.
+    conv.register_structure_hook(str, _expect(str, "a string"))
+    conv.register_structure_hook(int, _expect(int, "an integer"))
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook(bool, _structure_bool)
     conv.register_structure_hook(Timestamp, lambda v, _: check_timestamp(v))
     conv.register_structure_hook(DecimalAmount, lambda v, _: check_decimal(v))
     conv.register_structure_hook(Count, lambda v, _: check_count(v))

@@ -13,11 +13,11 @@ import attrs
 
 from ._types import (
     AlertSeverity,
+    Count,
     DagUpdateType,
     DecimalAmount,
     EventType,
     NodeState,
-    Count,
     Timestamp,
     TransactionStatus,
     ValidatorEventType,

@@ -32,7 +32,7 @@ def check_timestamp(value: object) -> Timestamp:
     """Return `value` if it is an RFC 3339 date-time string, else raise ValueError."""
     if not isinstance(value, str):
         raise TypeError("expected an RFC 3339 timestamp string")
-    if not _RFC3339.match(value):
+    if not _RFC3339.fullmatch(value):
         raise ValueError("expected an RFC 3339 timestamp (2025-08-07T10:00:00Z)")
     try:
         datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
@@ -45,7 +45,7 @@ def check_decimal(value: object) -> DecimalAmount:
     """Return `value` if it is a non-negative decimal string, else raise ValueError."""
     if not isinstance(value, str):
         raise TypeError("expected a decimal string such as \"1000\"")
-    if not _DECIMAL.match(value):
+    if not _DECIMAL.fullmatch(value):
         raise ValueError("expected a non-negative decimal string such as \"1000\"")
     return DecimalAmount(value)
 
