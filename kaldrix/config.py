@@ -25,7 +25,7 @@ class Config:
     # chain simulator
     simulate: bool = True
     sim_rate: float = 0.0
-    """Extra simulated events per second on top of the chain's natural pace (0: natural pace)."""
+    """Total simulated events per second to aim for (0: the chain's natural pace, about 9/s)."""
     sim_block_interval: float = 2.0
     sim_seed: int | None = None
     # logging
@@ -149,6 +149,8 @@ def _check(config: Config) -> None:
     for name in ("history_size", "outbox_size", "max_message_size", "max_channels_per_connection"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: expected a positive integer")
+    if config.require_auth and config.open_mode:
+        raise ConfigError("require_auth needs jwt_secret or jwt_public_key: nobody could authenticate")
     if not 0 <= config.port <= 65535:
         raise ConfigError("port: expected 0-65535")
 
