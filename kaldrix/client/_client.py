@@ -1,0 +1,557 @@
+"""KaldrixClient: the Python counterpart of the seed's useWebSocket hook, on trio.
+
+    open_client(...) ── the caller's nursery
+     └─ KaldrixClient.run ── its own nursery
+         ├─ dispatcher (handlers, pacing, event streams)
+         └─ connect loop ── per connection, a session nursery:
+              trio-websocket reader, resume (SUBSCRIBE with since), keepalive PINGs,
+              and the frame reader (this task)
+
+The frame reader alone updates the last-offset table, so positions, dedup and gaps
+follow the order of the wire. A lost connection is retried with full-jitter backoff
+and resumed from the last offset seen on every channel.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, connect_websocket_url
+
+from ..protocol import (
+    Ack,
+    CloseCode,
+    CommandType,
+    Envelope,
+    ErrorPayload,
+    ProtocolError,
+    PublishedEvent,
+    ReplyType,
+    Welcome,
+    as_published,
+    channel_problem,
+    converter,
+    decode_message,
+    new_id,
+)
+from ._backoff import backoff_delay
+from ._dispatch import Dispatcher, EventStream, Handler
+from ._errors import ClientClosed, CommandError, ConnectionLost
+from ._options import ClientOptions, ClientState, make_options
+from ._pacing import Pacer
+from ._positions import Gap, Positions
+from ._session import Session
+
+log = logging.getLogger("kaldrix.client")
+
+CLOSE_TIMEOUT = 2.0
+_CHANNEL_PATH = re.compile(r"^payload\.channels\[(\d+)\]$")
+
+
+@attrs.frozen
+class _Outcome:
+    """How one connection attempt ended."""
+
+    error: str
+    code: int | None = None
+    fatal: bool = False
+
+
+class KaldrixClient:
+    """A subscriber and producer that stays connected and never loses its place.
+
+    Start it with ``async with open_client(url, channels=[...]) as client`` or, inside
+    your own nursery, ``await nursery.start(client.run)``.
+    """
+
+    def __init__(self, options: ClientOptions, channels: Iterable[str] = ()) -> None:
+        self.options = options
+        self.state = ClientState()
+        self._channels: dict[str, None] = {}
+        for name in channels:
+            self._check_channel(name)
+            self._channels[name] = None
+        self._positions = Positions(self.state.last_offsets)
+        self._dispatcher = Dispatcher(
+            Pacer.from_settings(
+                throttle=options.throttle_time if options.enable_throttle else None,
+                debounce=options.debounce_time if options.enable_debounce else None,
+            ),
+            buffer_size=options.buffer_size,
+        )
+        self._inbound, self._inbound_reader = trio.open_memory_channel[Any](options.buffer_size)
+        self._session: Session | None = None
+        self._changed = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._started = False
+        self._closing = False
+        self._done = False
+        self._stopped = trio.Event()
+
+    # -- the application's API --------------------------------------------------------
+
+    @property
+    def channels(self) -> list[str]:
+        """The channels the client is (or will be, once connected) subscribed to."""
+        return list(self._channels)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._done
+
+    def subscribe(self, event_type: str, handler: Handler) -> Any:
+        """Call `handler` (sync or async) with each event of `event_type`, or of every event
+        with "*". A control type (ERROR, METRICS_RESPONSE) gets the replies no call was
+        waiting for. Paced by throttle/debounce when enabled. Returns the unsubscribe."""
+        return self._dispatcher.subscribe(event_type, handler)
+
+    def on_gap(self, handler: Handler) -> Any:
+        """Call `handler` with a Gap whenever events were lost for good; returns the undo."""
+        return self._dispatcher.on_gap(handler)
+
+    def events(self, *, include_gaps: bool = False) -> EventStream:
+        """Every event from now on, in order, unpaced (and Gaps, with `include_gaps`)."""
+        return self._dispatcher.open_stream(include_gaps=include_gaps)
+
+    async def wait_connected(self) -> None:
+        """Wait until connected and subscribed; ClientClosed if the client gives up first."""
+        await self._wait_session(ready=True)
+
+    async def wait_closed(self) -> None:
+        """Wait until the client has stopped (closed, or given up reconnecting)."""
+        await self._stopped.wait()
+
+    async def join(self, *channels: str) -> None:
+        """Subscribe to more channels (also after every reconnect); CommandError if refused."""
+        for name in channels:
+            self._check_channel(name)
+        for name in channels:
+            self._channels.setdefault(name, None)
+        while True:
+            session = await self._wait_session(ready=True)
+            missing = [name for name in channels if name not in session.subscribed]
+            if not missing:
+                return
+            for name in missing:
+                self._channels.setdefault(name, None)
+            try:
+                await self._subscribe_on(session, missing)
+                return
+            except ConnectionLost:
+                continue
+            except CommandError:
+                for name in missing:
+                    self._channels.pop(name, None)
+                raise
+
+    async def leave(self, *channels: str) -> None:
+        """Unsubscribe; events of these channels already on their way are dropped."""
+        for name in channels:
+            self._channels.pop(name, None)
+            self._positions.forget(name)
+        session = self._session
+        if session is None or session.lost:
+            return
+        present = [name for name in channels if name in session.subscribed]
+        if present:
+            session.subscribed.difference_update(present)
+            try:
+                await session.request(CommandType.UNSUBSCRIBE, {"channels": present})
+            except ConnectionLost:
+                pass
+
+    async def send(self, message_type: str, payload: Any = None) -> str:
+        """Send any message (the seed's sendMessage); returns its id. Its ACK or ERROR, or
+        a reply such as METRICS_RESPONSE, goes to handlers subscribed to that type."""
+        session = await self._wait_session()
+        return await session.send(message_type, payload if payload is not None else {})
+
+    async def publish(self, *events: Envelope | PublishedEvent | Mapping[str, Any], channel: str | None = None) -> Ack:
+        """Publish events (built Envelopes, PublishedEvents or wire dicts) and return the ACK.
+
+        Every event gets an id if it has none, so a publish cut off by a lost connection
+        is sent again after reconnecting, and the server's dedup window (which survives a
+        restart that keeps the broker) keeps it from being applied twice.
+        """
+        if not events:
+            raise ValueError("publish needs at least one event")
+        wire = [_published(event) for event in events]
+        payload: dict[str, Any] = {"event": wire[0]} if len(wire) == 1 else {"events": wire}
+        if channel is not None:
+            payload["channel"] = channel
+        while True:
+            session = await self._wait_session()
+            try:
+                return await session.request(CommandType.PUBLISH, payload)
+            except ConnectionLost:
+                continue
+
+    async def ping(self) -> float:
+        """Round-trip latency in milliseconds (also kept in state.message_latency)."""
+        session = await self._wait_session()
+        return self._record_latency(await session.ping())
+
+    async def close(self) -> None:
+        """Close the connection (1000) and stop; events not yet dispatched are dropped."""
+        self._closing = True
+        self._notify()
+        try:
+            session = self._session
+            if session is None:
+                pass
+            elif trio.current_effective_deadline() == -math.inf:
+                # Cancelled from outside: the task that would complete a close handshake
+                # is cancelled too, so drop the socket at once instead of waiting for it.
+                await session.ws.aclose()
+            else:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await session.ws.aclose()
+        finally:
+            if self._scope is not None:
+                self._scope.cancel()
+            if not self._started:
+                self._finish()
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, stay connected and dispatch until `close()` or giving up."""
+        if self._started:
+            raise RuntimeError("a KaldrixClient runs once")
+        self._started = True
+        try:
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._dispatcher.run, self._inbound_reader)
+                    task_status.started()
+                    try:
+                        if not self._closing:
+                            await self._keep_connected()
+                    finally:
+                        self._inbound.close()
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.state.is_connected = False
+        self._dispatcher.close_streams()
+        self._stopped.set()
+        self._notify()
+
+    async def _keep_connected(self) -> None:
+        options = self.options
+        state = self.state
+        while not self._closing:
+            outcome = await self._connect_once()
+            if self._closing:
+                return
+            state.connection_error = outcome.error
+            give_up = self._give_up_reason(outcome)
+            if give_up:
+                state.connection_error = f"{outcome.error}; {give_up}"
+                log.error("%s: %s", options.url, state.connection_error)
+                self._done = True
+                self._notify()
+                return
+            delay = backoff_delay(state.reconnect_attempts, options.reconnect_interval, options.max_reconnect_delay, options.rng)
+            state.reconnect_attempts += 1
+            log.warning("%s: %s; reconnecting in %.2fs (attempt %d)", options.url, outcome.error, delay, state.reconnect_attempts)
+            await trio.sleep(delay)
+
+    def _give_up_reason(self, outcome: _Outcome) -> str | None:
+        options = self.options
+        if outcome.fatal:
+            return "not reconnecting"
+        if outcome.code == CloseCode.FORBIDDEN:
+            return "forbidden: not reconnecting"
+        if outcome.code == CloseCode.AUTH_FAILED and not callable(options.token):
+            return "authentication failed and the token cannot change: not reconnecting"
+        if not options.auto_reconnect:
+            return "auto_reconnect is off"
+        limit = options.max_reconnect_attempts
+        if limit is not None and self.state.reconnect_attempts >= limit:
+            return f"gave up after {self.state.reconnect_attempts} reconnect attempt(s)"
+        return None
+
+    async def _connect_once(self) -> _Outcome:
+        """One connection from handshake to close; never raises (but for cancellation)."""
+        try:
+            headers = await self._handshake_headers()
+            # trio-websocket's reader task lives here: it completes the close handshake.
+            async with trio.open_nursery() as socket_nursery:
+                try:
+                    with trio.fail_after(self.options.connect_timeout):
+                        ws = await connect_websocket_url(
+                            socket_nursery,
+                            self.options.url,
+                            extra_headers=headers,
+                            max_message_size=self.options.max_message_size,
+                        )
+                        welcome = await _read_welcome(ws)
+                    return await self._serve(Session(ws, welcome))
+                finally:
+                    # Let the reader see the server's close and the TCP end, within bounds.
+                    socket_nursery.cancel_scope.deadline = min(
+                        socket_nursery.cancel_scope.deadline, trio.current_time() + CLOSE_TIMEOUT
+                    )
+        except Exception as exc:  # noqa: BLE001 - every failure to connect is retried or reported
+            return _failure(exc)
+
+    async def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(name.encode(), value.encode()) for name, value in self.options.headers.items()]
+        token = self.options.token
+        if callable(token):
+            token = token()
+            if inspect.isawaitable(token):
+                token = await token
+        if token:
+            headers.append((b"Authorization", f"Bearer {token}".encode()))
+        return headers
+
+    async def _serve(self, session: Session) -> _Outcome:
+        self._session = session
+        self.state.is_connected = True
+        self.state.session_id = session.session_id
+        self._notify()
+        log.info("%s: connected, session %s", self.options.url, session.session_id)
+        reason: CloseReason | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._resume, session)
+                if self.options.ping_interval is not None:
+                    nursery.start_soon(self._keepalive, session)
+                reason = await self._read(session)
+                nursery.cancel_scope.cancel()
+        finally:
+            session.close()
+            self._session = None
+            self.state.is_connected = False
+            self._notify()
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                await session.ws.aclose()
+        code = None if reason is None else reason.code
+        text = "connection closed" if reason is None else f"connection closed: {reason.code} {reason.reason or reason.name}"
+        if session.refusal:
+            text = f"{text} ({session.refusal})"
+        if session.fatal:
+            return _Outcome(session.fatal, code, fatal=True)
+        return _Outcome(text, code)
+
+    async def _read(self, session: Session) -> CloseReason | None:
+        """Read frames until the connection closes; the only writer of the offset table."""
+        while True:
+            try:
+                data = await session.ws.get_message()
+            except ConnectionClosed as exc:
+                return exc.reason
+            message = decode_message(data)
+            if isinstance(message, ProtocolError):
+                log.warning("%s: ignoring a message this client cannot read: %s", self.options.url, message)
+                continue
+            if message.channel is not None:
+                await self._admit(message)
+                continue
+            follow = session.resolve(message)
+            if follow is not None:
+                for item in follow:
+                    await self._emit(item)
+                continue
+            if isinstance(message.payload, ErrorPayload):
+                session.refusal = f"{message.payload.code}: {message.payload.message}"
+                log.warning("%s: server error: %s", self.options.url, session.refusal)
+            if message.type != ReplyType.WELCOME:
+                await self._inbound.send(message)
+
+    async def _admit(self, event: Envelope) -> None:
+        channel = event.channel
+        assert channel is not None
+        if channel not in self._channels:
+            return
+        if event.offset is None or event.epoch is None:
+            await self._inbound.send(event)
+            return
+        accept, gap = self._positions.admit(channel, event.offset, event.epoch)
+        if gap is not None:
+            await self._emit(gap)
+        if accept:
+            await self._inbound.send(event)
+
+    async def _emit(self, item: Any) -> None:
+        if isinstance(item, Gap):
+            # Never silent: a warning unless the application handles gaps itself.
+            log.log(
+                logging.INFO if self._dispatcher.has_gap_handlers else logging.WARNING,
+                "%s: gap on %s: saw %s@%s, continuing after %s@%s (%s)",
+                self.options.url, item.channel, item.last_offset, item.epoch, item.new_offset, item.new_epoch, item.reason,
+            )
+        await self._inbound.send(item)
+
+    async def _resume(self, session: Session) -> None:
+        """Join every channel again, from the last offset seen; then the session is ready."""
+        self.state.connection_error = None
+        while channels := [name for name in self._channels if name not in session.subscribed]:
+            try:
+                await self._subscribe_on(session, channels)
+            except ConnectionLost:
+                return
+            except CommandError as exc:
+                match = _CHANNEL_PATH.match(exc.error.path or "")
+                if match is None or int(match[1]) >= len(channels):
+                    session.fatal = f"the server refused to resubscribe: {exc}"
+                    log.error("%s: %s", self.options.url, session.fatal)
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await session.ws.aclose()
+                    return
+                refused = channels[int(match[1])]
+                self._channels.pop(refused, None)
+                self._positions.forget(refused)
+                self.state.connection_error = f"cannot join {refused}: {exc}"
+                log.error("%s: %s", self.options.url, self.state.connection_error)
+        session.ready.set()
+        self.state.reconnect_attempts = 0
+        self._notify()
+
+    async def _subscribe_on(self, session: Session, channels: list[str]) -> Ack:
+        payload: dict[str, Any] = {"channels": channels}
+        since = self._positions.since(channels)
+        if since:
+            payload["since"] = since
+
+        def apply(ack: Ack) -> list[Any]:
+            gaps = []
+            for name, position in (ack.channels or {}).items():
+                session.subscribed.add(name)
+                if name in self._channels and (gap := self._positions.subscribed(name, position)):
+                    gaps.append(gap)
+            return gaps
+
+        return await session.request(CommandType.SUBSCRIBE, payload, apply)
+
+    async def _keepalive(self, session: Session) -> None:
+        """PING now and then: measures latency, and notices a link that died silently."""
+        assert self.options.ping_interval is not None
+        while True:
+            await trio.sleep(self.options.ping_interval)
+            with trio.move_on_after(self.options.ping_timeout) as scope:
+                try:
+                    self._record_latency(await session.ping())
+                except ConnectionLost:
+                    return
+            if scope.cancelled_caught:
+                session.refusal = f"no PONG within {self.options.ping_timeout}s"
+                log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await session.ws.aclose(CloseCode.GOING_AWAY, "ping timeout")
+                return
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _record_latency(self, seconds: float) -> float:
+        self.state.message_latency = milliseconds = seconds * 1000.0
+        return milliseconds
+
+    def _notify(self) -> None:
+        """Wake everything waiting for the connection to change."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_session(self, *, ready: bool = False) -> Session:
+        while True:
+            if self._done or self._closing:
+                raise ClientClosed(self.state.connection_error or "the client is closed")
+            session = self._session
+            if session is not None and not session.lost and (not ready or session.ready.is_set()):
+                return session
+            await self._changed.wait()
+
+    @staticmethod
+    def _check_channel(name: str) -> None:
+        if problem := channel_problem(name):
+            raise ValueError(problem)
+
+
+class _NoWelcome(Exception):
+    """The peer spoke, but not the kaldrix protocol."""
+
+
+async def _read_welcome(ws: Any) -> Welcome:
+    message = decode_message(await ws.get_message())
+    if isinstance(message, ProtocolError) or not isinstance(message.payload, Welcome):
+        raise _NoWelcome(f"expected WELCOME from the server, got {str(message)[:200]}")
+    return message.payload
+
+
+def _published(event: Envelope | PublishedEvent | Mapping[str, Any]) -> dict[str, Any]:
+    """The wire form of one event inside PUBLISH, always with an id."""
+    if isinstance(event, Envelope):
+        event = as_published(event)
+    if isinstance(event, PublishedEvent):
+        wire = converter.unstructure(event)
+    elif isinstance(event, Mapping):
+        wire = dict(event)
+    else:
+        raise TypeError(f"cannot publish {type(event).__name__}: expected an Envelope, PublishedEvent or dict")
+    if not wire.get("id"):
+        wire["id"] = new_id()
+    return wire
+
+
+def _failure(exc: BaseException) -> _Outcome:
+    """How a connection attempt failed, from the first real error in (nested) groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = next((e for e in exc.exceptions if not isinstance(e, trio.Cancelled)), exc.exceptions[0])
+    if isinstance(exc, ConnectionClosed):
+        reason = exc.reason
+        if reason is None:
+            return _Outcome("connection closed before WELCOME")
+        return _Outcome(f"connection closed before WELCOME: {reason.code} {reason.reason or reason.name}", reason.code)
+    if isinstance(exc, _NoWelcome):
+        return _Outcome(str(exc))
+    if isinstance(exc, ConnectionRejected):
+        return _Outcome(f"the server refused the WebSocket: HTTP {exc.status_code}")
+    if isinstance(exc, trio.TooSlowError):
+        return _Outcome("timed out connecting")
+    if isinstance(exc, OSError):
+        return _Outcome(f"cannot connect: {exc.strerror or exc}")
+    return _Outcome(f"{type(exc).__name__}: {exc}")
+
+
+@asynccontextmanager
+async def open_client(
+    url: str | None = None,
+    *,
+    channels: Iterable[str] = (),
+    options: ClientOptions | None = None,
+    wait_connected: bool = True,
+    **settings: Any,
+) -> AsyncIterator[KaldrixClient]:
+    """Run a KaldrixClient for the body of an ``async with``; close it on the way out.
+
+    `settings` are ClientOptions fields (token=..., reconnect_interval=...). With
+    `wait_connected` the body starts once the channels are joined, so nothing
+    published afterwards is missed; ClientClosed if the client gives up first.
+    """
+    client = KaldrixClient(make_options(url, options, settings), channels)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                if wait_connected:
+                    await client.wait_connected()
+                yield client
+            finally:
+                await client.close()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        sole = group.exceptions[0]
+        raise sole from sole.__cause__
