@@ -123,13 +123,13 @@ async def test_batch_publish_is_ordered_and_acknowledged_once(connect):
 async def test_channel_override_routes_to_that_channel_only(connect):
     blocks = await connect()
     await blocks.subscribe("blocks")
-    private = await connect()
-    await private.subscribe("user:alice")
+    custom = await connect()
+    await custom.subscribe("node:archive-1")
     producer = await connect()
-    ack = await producer.publish(block_event(1), channel="user:alice")
-    assert ack["payload"]["results"][0]["offsets"] == {"user:alice": 1}
-    (event,) = await private.events(1)
-    assert event["channel"] == "user:alice"
+    ack = await producer.publish(block_event(1), channel="node:archive-1")
+    assert ack["payload"]["results"][0]["offsets"] == {"node:archive-1": 1}
+    (event,) = await custom.events(1)
+    assert event["channel"] == "node:archive-1"
     with trio.move_on_after(0.2) as scope:
         await blocks.receive()
     assert scope.cancelled_caught
@@ -166,8 +166,9 @@ async def test_recovery_from_another_epoch_is_refused_explicitly(connect):
 
 async def test_recovery_beyond_history_is_refused(start_gateway, nursery):
     gateway = await start_gateway(history_size=3)
-    from .conftest import WireClient
     from trio_websocket import connect_websocket_url
+
+    from .conftest import WireClient
 
     async def open_client():
         client = WireClient(await connect_websocket_url(nursery, gateway.url))

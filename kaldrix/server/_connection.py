@@ -36,7 +36,7 @@ from ..protocol import (
 from ..security import AuthError, Principal, may_admin, may_publish, may_subscribe
 from ._frames import error_frame, reply_frame
 from ._router import RouterRequest
-from ._wire import abort, check_compatible, send_frames
+from ._wire import WriteState, abort, check_compatible, send_frames
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
@@ -73,14 +73,16 @@ class Connection:
         self._inbox = gateway.router_inbox
         self._scope = trio.CancelScope()
         self._auth_changed = trio.Event()
-        self._mid_write = False
+        self._write_state = WriteState()
         self.close_code: int | None = None
         self.close_reason = ""
 
     # -- called by the router and the gateway (never wait) --------------------------
 
     def offer(self, frame: bytes, accepted_at: float) -> bool:
-        """Queue a frame; False when the outbox is full or gone."""
+        """Queue a frame; False when the outbox is full or gone, or the connection is closing."""
+        if self.close_code is not None:
+            return False
         try:
             self._outbox.send_nowait((frame, accepted_at))
         except trio.WouldBlock:
@@ -108,18 +110,28 @@ class Connection:
         if self._auth_error is not None:
             self._refuse_auth(self._auth_error, ref=None)
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read)
-                    nursery.start_soon(self._write)
-                    nursery.start_soon(self._heartbeat)
-                    nursery.start_soon(self._watch_auth)
+            async with trio.open_nursery() as nursery:
+                # The writer lives outside the kick scope: what is queued when the
+                # connection is told to close (the ERROR that explains a 4001 or a
+                # 1009) is still written, within close_timeout.
+                nursery.start_soon(self._write)
+                try:
+                    with self._scope:
+                        async with trio.open_nursery() as workers:
+                            workers.start_soon(self._read)
+                            workers.start_soon(self._heartbeat)
+                            workers.start_soon(self._watch_auth)
+                finally:
+                    self._outbox.close()
+                    if self.close_code == CloseCode.SLOW_CONSUMER:
+                        nursery.cancel_scope.cancel()
+                    else:
+                        nursery.cancel_scope.deadline = trio.current_time() + self.config.close_timeout
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
 
     async def _finish(self) -> None:
-        self._outbox.close()
         self._outbox_reader.close()
         detach = RouterRequest(origin=self, detach=True)
         try:
@@ -130,7 +142,7 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
         code = self.close_code or CloseCode.NORMAL
-        if self._mid_write:
+        if self._write_state.mid_write:
             await abort(self.ws)
         else:
             with trio.move_on_after(self.config.close_timeout) as scope:
@@ -149,7 +161,17 @@ class Connection:
                 message = await self.ws.get_message()
                 self.metrics.messages_in += 1
                 self.metrics.bytes_in += len(message)
-                await self._handle(message)
+                if len(message) > self.config.max_message_size:
+                    self._refuse(
+                        ProtocolError(ErrorCode.TOO_LARGE, f"messages are at most {self.config.max_message_size} bytes")
+                    )
+                    self.kick(CloseCode.TOO_BIG, "message too big")
+                    return
+                try:
+                    await self._handle(message)
+                except Exception:
+                    log.exception("failed to handle a message from %s", self.remote)
+                    self._refuse(ProtocolError(ErrorCode.INTERNAL, "internal error"))
         except ConnectionClosed as exc:
             if exc.reason is not None and exc.reason.code == CloseCode.TOO_BIG and self.close_code is None:
                 self.metrics.error(ErrorCode.TOO_LARGE)
@@ -160,29 +182,26 @@ class Connection:
     async def _write(self) -> None:
         reader = self._outbox_reader
         metrics = self.metrics
-        while True:
-            frame, accepted_at = await reader.receive()
+        async for frame, accepted_at in reader:
             frames = [frame]
             stamps = [accepted_at] if accepted_at else []
             size = len(frame)
             while size < WRITE_BATCH_BYTES:
                 try:
                     frame, accepted_at = reader.receive_nowait()
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 frames.append(frame)
                 size += len(frame)
                 if accepted_at:
                     stamps.append(accepted_at)
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-            self._mid_write = True
             try:
-                await send_frames(self.ws, data)
+                await send_frames(self.ws, data, self._write_state)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._mid_write = False
+                self._write_state.mid_write = False
                 self._scope.cancel()
                 return
-            self._mid_write = False
             metrics.messages_out += len(frames)
             metrics.bytes_out += size
             if stamps:
@@ -219,7 +238,8 @@ class Connection:
             if principal.expires_at is None:
                 await changed.wait()
                 continue
-            with trio.move_on_after(max(0.0, principal.expires_at - time.time())):
+            grace = self.gateway.verifier.leeway
+            with trio.move_on_after(max(0.0, principal.expires_at + grace - time.time())):
                 await changed.wait()
                 continue
             audit.warning("token expired remote=%s sub=%s", self.remote, principal.sub)
@@ -242,7 +262,7 @@ class Connection:
             return
         match command.type:
             case CommandType.PING:
-                self._reply(ReplyType.PONG, Pong(server_time=now_timestamp(), t=command.payload.t))
+                self._reply(ReplyType.PONG, Pong(server_time=now_timestamp(), t=command.payload.t, ref=command.id))
             case CommandType.AUTH:
                 self._authenticate(command.payload.token, command.id)
             case CommandType.REQUEST_METRICS:
@@ -294,7 +314,7 @@ class Connection:
         except ValueError as exc:
             self._refuse(ProtocolError(ErrorCode.INVALID_PAYLOAD, str(exc), "payload.type", command.id))
             return
-        self._reply(ReplyType.METRICS_RESPONSE, MetricsResponse(type=kind, metrics=snapshot))
+        self._reply(ReplyType.METRICS_RESPONSE, MetricsResponse(type=kind, metrics=snapshot, ref=command.id))
 
     def _authenticate(self, token: str, ref: str | None) -> None:
         verifier = self.gateway.verifier
@@ -306,7 +326,12 @@ class Connection:
         try:
             principal = verifier.verify(token)
         except AuthError as exc:
-            self._refuse_auth(exc.reason, ref)
+            if self.principal is not None:
+                # A failed refresh: the current token still holds until it expires.
+                audit.warning("token refresh failed remote=%s reason=%s", self.remote, exc.reason)
+                self._refuse(ProtocolError(ErrorCode.UNAUTHORIZED, exc.reason, ref=ref))
+            else:
+                self._refuse_auth(exc.reason, ref)
             return
         if self.principal is not None and principal.sub != self.principal.sub:
             self._refuse(ProtocolError(ErrorCode.FORBIDDEN, "a refreshed token must be for the same subject", ref=ref))

@@ -26,10 +26,10 @@ from ..protocol import (
     CloseCode,
     Command,
     ErrorCode,
+    ProtocolError,
     Publish,
     PublishedEvent,
     PublishResult,
-    ProtocolError,
     ReplyType,
     Subscribe,
     Unsubscribe,
@@ -136,7 +136,7 @@ class Router:
                     self._answer(origin, result)
             else:
                 raise TypeError(f"router got {type(payload).__name__}")
-        except Exception:  # noqa: BLE001 - one bad request must not stop the router
+        except Exception:
             log.exception("router failed on %s", command.type)
             error = ProtocolError(ErrorCode.INTERNAL, "internal error", ref=command.id)
             if origin is not None:

@@ -42,10 +42,22 @@ def check_compatible(ws: WebSocketConnection) -> None:
         )
 
 
-async def send_frames(ws: WebSocketConnection, data: bytes) -> None:
+class WriteState:
+    """Whether a write has started and not finished: after a cancelled partial write
+    the stream holds half a frame, so the connection must be aborted, not closed."""
+
+    __slots__ = ("mid_write",)
+
+    def __init__(self) -> None:
+        self.mid_write = False
+
+
+async def send_frames(ws: WebSocketConnection, data: bytes, state: WriteState) -> None:
     """Write already-framed bytes to the peer, serialised with trio-websocket's writes."""
     async with ws._stream_lock:
+        state.mid_write = True
         await ws._stream.send_all(data)
+        state.mid_write = False
 
 
 async def abort(ws: WebSocketConnection) -> None:
