@@ -61,10 +61,24 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config)
     try:
         trio.run(_serve, config)
-    except OSError as exc:
-        print(f"kaldrix serve: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, ExceptionGroup) as exc:
+        cause = _first_os_error(exc)
+        if cause is None:
+            raise
+        print(f"kaldrix serve: cannot listen on {config.host}:{config.port}: {cause.strerror or cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError (a taken port, a bad address) inside nursery exception groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _first_os_error(inner)) is not None:
+                return found
+    return None
 
 
 async def _serve(config: Any) -> None:
