@@ -31,6 +31,7 @@ from ..protocol import (
     as_published,
 )
 from ..security import AuthError, Principal, TokenVerifier
+from . import _admission, _ops
 from ._connection import Connection
 from ._http import BadRequest, ReplayStream, RequestHead, Response, read_head, respond
 from ._router import Router, RouterRequest
@@ -42,11 +43,15 @@ WEBSOCKET_PATHS = ("/", "/ws")
 SAMPLING_INTERVAL = 5.0
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, int]:
     try:
         host, port, *_ = stream.socket.getpeername()
     except OSError:
-        return "unknown"
+        return "unknown", 0
+    return host, port
+
+
+def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -165,16 +170,17 @@ class Gateway:
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         accepted_at = time.monotonic()
-        remote = _peer(stream)
+        peer_host, peer_port = _peer(stream)
+        remote = _show(peer_host, peer_port)
         try:
-            await self._serve_stream(stream, remote, accepted_at)
+            await self._serve_stream(stream, peer_host, peer_port, accepted_at)
         except Exception:
             log.exception("connection from %s failed", remote)
             self.metrics.connection_failed()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _serve_stream(self, stream: trio.SocketStream, remote: str, accepted_at: float) -> None:
+    async def _serve_stream(self, stream: trio.SocketStream, peer_host: str, peer_port: int, accepted_at: float) -> None:
         head: RequestHead | None = None
         with trio.move_on_after(self.config.handshake_timeout):
             try:
@@ -189,7 +195,7 @@ class Gateway:
             await stream.aclose()
             return
         if not head.is_websocket_upgrade:
-            await respond(stream, self._http(head), head_only=head.method == "HEAD")
+            await respond(stream, _ops.answer(self, head), head_only=head.method == "HEAD")
             return
         if head.path not in WEBSOCKET_PATHS:
             await respond(stream, Response.json(404, {"error": f"no WebSocket endpoint at {head.path}; use /ws"}))
@@ -197,7 +203,12 @@ class Gateway:
         if self.draining:
             await respond(stream, Response.json(503, {"error": "server is shutting down"}, headers=(("Retry-After", "1"),)))
             return
-        await self._serve_websocket(stream, head, remote, accepted_at)
+        client_host = _admission.client_address(self, head, peer_host)
+        refusal = _admission.admit(self, head, client_host)
+        if refusal is not None:
+            await respond(stream, refusal)
+            return
+        await self._serve_websocket(stream, head, _show(client_host, peer_port), accepted_at)
 
     async def _serve_websocket(self, stream: trio.SocketStream, head: RequestHead, remote: str, accepted_at: float) -> None:
         principal, auth_error = self._handshake_principal(head)
@@ -245,27 +256,3 @@ class Gateway:
             return self.verifier.verify(token), None
         except AuthError as exc:
             return None, exc.reason
-
-    # -- ops HTTP ------------------------------------------------------------------------
-
-    def _http(self, head: RequestHead) -> Response:
-        if head.method not in ("GET", "HEAD"):
-            return Response.json(405, {"error": "method not allowed"}, headers=(("Allow", "GET, HEAD"),))
-        match head.path:
-            case "/healthz":
-                return Response.json(200, {"status": "ok", "version": __version__})
-            case "/readyz":
-                if self.draining:
-                    return Response.json(503, {"ready": False, "reason": "draining"})
-                return Response.json(200, {"ready": True})
-            case "/":
-                return Response(200, _landing_page(), content_type="text/plain; charset=utf-8")
-        return Response.json(404, {"error": f"not found: {head.path}"})
-
-
-def _landing_page() -> bytes:
-    return (
-        f"kaldrix {__version__}: the real-time event gateway of the KALDRIX chain.\n"
-        "WebSocket endpoint: /ws (protocol v1)\n"
-        "Health: /healthz  Readiness: /readyz\n"
-    ).encode()
