@@ -16,6 +16,7 @@ COMMANDS = {
     "token": "print a signed JWT for a client",
     "schema": "write the JSON Schemas and the AsyncAPI document into spec/schema",
     "conformance": "run the protocol's conformance scenarios against a server",
+    "bench": "benchmark a server: fan-out throughput, delivery latency percentiles, losses",
 }
 
 

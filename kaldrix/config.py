@@ -47,6 +47,13 @@ class Config:
     auth_timeout: float = 10.0
     close_timeout: float = 2.0
     shutdown_timeout: float = 5.0
+    # reliability: slow consumers, channel heartbeats, graceful drain
+    outbox_max_bytes: int = 8 << 20
+    """Bytes queued per connection before it is closed as a slow consumer (4008), beside outbox_size."""
+    channel_heartbeat: float = 15.0
+    """Seconds a subscribed channel may be quiet before its subscribers get a HEARTBEAT (0: never)."""
+    drain_close_code: int = 1001
+    """Close code for every client on SIGTERM: 1001 (final shutdown) or 1012 (restart); SIGINT always 1001."""
     # security
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
@@ -56,6 +63,51 @@ class Config:
     jwt_leeway: float = 30.0
     require_auth: bool = False
     allow_anonymous_publish: bool = False
+    # security: abuse limits, blocking, proxies, Origin (kaldrix.security.Guard; 0 turns a limit off)
+    handshake_rate_limit: int = 100
+    """WebSocket handshakes per client address within handshake_rate_window; more get HTTP 429."""
+    handshake_rate_window: float = 60.0
+    max_connections_per_ip: int = 1000
+    """Open connections per client address (an IPv6 /64 counts as one); more get HTTP 429."""
+    message_rate: float = 100.0
+    """Messages per second a connection may send, on average (token bucket); producers are exempt."""
+    message_burst: int = 200
+    """Messages a connection may send at once before message_rate applies."""
+    rate_limit_strikes: int = 20
+    """RATE_LIMITED answers within 10 s after which the connection is closed with 4029."""
+    max_channel_length: int = 200
+    """Longest channel name accepted in SUBSCRIBE and PUBLISH (at most the protocol's 200)."""
+    auth_failure_limit: int = 10
+    """Failed authentications from one address within auth_failure_window before a temporary ban."""
+    auth_failure_window: float = 60.0
+    auth_ban_duration: float = 600.0
+    blocked_addresses: tuple[str, ...] = ()
+    """Addresses and CIDR ranges (IPv4, IPv6) refused with 403 from the start."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Proxies (addresses, CIDRs) whose X-Forwarded-For header names the client."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins browsers may connect from (https://a.example, https://*.example, *); empty: any."""
+    allow_missing_origin: bool = True
+    """Accept handshakes without an Origin header (non-browser clients)."""
+    # metrics and alerts (the seed's samplingInterval, maxSamples and alert thresholds)
+    sampling_interval: float = 5.0
+    """Seconds between metrics samples and alert checks."""
+    max_samples: int = 1000
+    """Metrics samples kept in memory (a bounded ring)."""
+    alert_delivery_latency_ms: float = 100.0
+    """Alert when the average delivery latency of a sampling interval is above this (0: never)."""
+    alert_failed_connections: int = 10
+    """Alert when more connections than this fail within a sampling interval (0: never)."""
+    alert_slow_consumers: int = 10
+    """Alert when more slow consumers than this are closed within a sampling interval (0: never)."""
+    alert_errors: int = 100
+    """Alert when more ERROR replies than this are sent within a sampling interval (0: never)."""
+    alert_memory_mb: float = 2048.0
+    """Alert when the server's resident memory is above this many MiB (0: never)."""
+    record_latency: bool = True
+    """Time every delivery into the latency histogram (off: counters only; to measure its cost)."""
+    direct_writes: bool = True
+    """Write frames straight into sockets that can take them (off: always via the writer task)."""
 
     @property
     def open_mode(self) -> bool:
@@ -149,10 +201,22 @@ def _check(config: Config) -> None:
     for name in ("history_size", "outbox_size", "max_message_size", "max_channels_per_connection"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: expected a positive integer")
+    if config.outbox_max_bytes < 1:
+        raise ConfigError("outbox_max_bytes: expected a positive integer")
+    if config.channel_heartbeat < 0:
+        raise ConfigError("channel_heartbeat: expected a number of seconds >= 0 (0 turns heartbeats off)")
+    if config.drain_close_code not in (1001, 1012):
+        raise ConfigError("drain_close_code: expected 1001 (shutdown) or 1012 (restart)")
     if config.require_auth and config.open_mode:
         raise ConfigError("require_auth needs jwt_secret or jwt_public_key: nobody could authenticate")
+    from .security import check_settings  # here: kaldrix.security imports this module
+
+    check_settings(config)
     if not 0 <= config.port <= 65535:
         raise ConfigError("port: expected 0-65535")
+    # metrics and alerts
+    if not config.sampling_interval > 0 or config.max_samples < 1:
+        raise ConfigError("sampling_interval and max_samples: expected positive numbers")
 
 
 LOG_LEVELS = {

@@ -174,6 +174,15 @@ class LatencyRecorder:
         self.sum_us = 0
 
 
+class _Untimed(LatencyRecorder):
+    """A recorder that records nothing: delivery timing switched off (Config.record_latency)."""
+
+    __slots__ = ()
+
+    def record(self, seconds: float, count: int = 1) -> None:
+        pass
+
+
 def verdict(avg_delivery_ms: float, messages_per_second: float) -> str:
     """The seed's performance verdict: both the latency and the throughput bar must be met."""
     for name, max_ms, min_rate in _THRESHOLDS:
@@ -209,11 +218,14 @@ class Metrics:
         "started",
     )
 
-    def __init__(self, *, max_samples: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, max_samples: int = 1000, clock: Callable[[], float] = time.monotonic, record_latency: bool = True
+    ) -> None:
         self._clock = clock
         self.started = clock()
-        self.delivery_latency = LatencyRecorder()
-        """Event accepted -> its frame written to the subscriber's socket."""
+        self.delivery_latency = LatencyRecorder() if record_latency else _Untimed()
+        """Event accepted -> its frame written to the subscriber's socket (`record_latency`
+        False: nothing recorded, to measure what timing costs the hot path)."""
         self.fanout_time = LatencyRecorder()
         """Publish accepted -> frames handed to every subscriber's outbox."""
         self.connect_time = LatencyRecorder()

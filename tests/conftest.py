@@ -6,16 +6,26 @@ Every integration test talks to a real server over real loopback sockets.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
 import trio
+from hypothesis import settings
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from kaldrix.config import Config, load_config
 from kaldrix.server import Gateway
+
+# `pytest --hypothesis-profile=deep`: many more examples, e.g. for the security state machine.
+settings.register_profile("deep", max_examples=1000)
+# HYPOTHESIS_PROFILE=nightly: many more examples everywhere, the live-server state machine
+# of tests/test_state_machine.py included.
+settings.register_profile("nightly", max_examples=1000, deadline=None)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 TIMEOUT = 5.0
 

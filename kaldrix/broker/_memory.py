@@ -2,6 +2,12 @@
 
 History holds the already-framed bytes of each event, so a replay costs no encoding.
 Everything is synchronous: the router calls it from its one task and never waits.
+
+Memory stays within bounds whatever clients do: a channel costs nothing here until its
+first event (before that its position is offset 0 in the broker's own epoch, so
+subscribing to a million quiet channels allocates nothing), history is cut by count on
+every append and by age on every append, replay and `sweep`, and the dedup memory is cut
+by age on every publish and sweep.
 """
 
 from __future__ import annotations
@@ -62,23 +68,24 @@ class MemoryBroker:
         self.history_ttl = history_ttl
         self.dedup_window = dedup_window
         self._clock = clock
+        # Every channel starts in this epoch: a channel that never had an event needs no
+        # state of its own to keep its epoch stable for the clients that joined it.
+        self._epoch = _new_epoch()
         self._channels: dict[str, _Channel] = {}
         self._seen: OrderedDict[str, tuple[float, dict[str, int]]] = OrderedDict()
 
-    def _channel(self, name: str) -> _Channel:
+    def position(self, name: str) -> Position:
+        """Where `name` stands now (offset 0 in the broker's epoch before its first event)."""
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = _Channel(epoch=_new_epoch())
-        return channel
-
-    def position(self, name: str) -> Position:
-        """Where `name` stands now; creating its epoch if it had none."""
-        channel = self._channel(name)
+            return Position(0, self._epoch)
         return Position(channel.last_offset, channel.epoch)
 
     def append(self, name: str, make_frame: Callable[[int, str], bytes], accepted_at: float) -> tuple[int, bytes]:
         """Give the next offset to an event, store its frame, and return both."""
-        channel = self._channel(name)
+        channel = self._channels.get(name)
+        if channel is None:
+            channel = self._channels[name] = _Channel(epoch=self._epoch)
         offset = channel.last_offset + 1
         frame = make_frame(offset, channel.epoch)
         channel.last_offset = offset
@@ -88,18 +95,22 @@ class MemoryBroker:
         self._expire(channel, accepted_at)
         return offset, frame
 
-    def _expire(self, channel: _Channel, now: float) -> None:
+    def _expire(self, channel: _Channel, now: float) -> int:
         horizon = now - self.history_ttl
+        dropped = 0
         while channel.events and channel.events[0].accepted_at < horizon:
             channel.events.popleft()
+            dropped += 1
+        return dropped
 
     def replay(self, name: str, since: Position) -> list[bytes] | None:
         """Frames after `since`, in order, or None when history no longer covers the gap."""
-        channel = self._channel(name)
-        if since.epoch != channel.epoch or since.offset > channel.last_offset:
+        current = self.position(name)
+        if since.epoch != current.epoch or since.offset > current.offset:
             return None
-        if since.offset == channel.last_offset:
+        if since.offset == current.offset:
             return []
+        channel = self._channels[name]
         self._expire(channel, self._clock())
         if not channel.events or channel.events[0].offset > since.offset + 1:
             return None
@@ -116,14 +127,29 @@ class MemoryBroker:
         """Record that `event_id` was published, for the dedup window."""
         self._seen[event_id] = (self._clock(), offsets)
         self._seen.move_to_end(event_id)
+        self._forget_old()
 
-    def _forget_old(self) -> None:
+    def _forget_old(self) -> int:
         horizon = self._clock() - self.dedup_window
+        forgotten = 0
         while self._seen:
             oldest = next(iter(self._seen.values()))
             if oldest[0] >= horizon:
                 break
             self._seen.popitem(last=False)
+            forgotten += 1
+        return forgotten
+
+    def sweep(self) -> int:
+        """Drop history past `history_ttl` on every channel, and ids past the dedup window.
+
+        Appends and replays only trim the channel they touch; a channel that went quiet
+        would otherwise keep its last `history_size` frames forever. Returns how many
+        events and ids were dropped.
+        """
+        now = self._clock()
+        dropped = sum(self._expire(channel, now) for channel in self._channels.values())
+        return dropped + self._forget_old()
 
     def statistics(self) -> dict[str, int]:
         """Counts for metrics and leak checks."""

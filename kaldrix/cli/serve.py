@@ -1,7 +1,8 @@
 """Run the gateway: WebSocket at /ws, ops HTTP (/healthz, /readyz) on the same port.
 
 Settings come from defaults < --config FILE (TOML) < KALDRIX_* environment < flags.
-Ctrl-C or SIGTERM closes every client with 1001 and exits 0.
+Ctrl-C or SIGTERM drains: no new clients, every client closed with 1001 (SIGTERM: the
+`drain_close_code`, 1012 for a restart) after its queued frames, then exit 0.
 """
 
 from __future__ import annotations
@@ -40,12 +41,45 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outbox-size", type=int, help="frames queued per client before it is a slow consumer (default 4096)")
     parser.add_argument("--ping-interval", type=float, help="seconds between WebSocket pings (default 20)")
     parser.add_argument("--ping-timeout", type=float, help="seconds a ping may go unanswered (default 20)")
+    parser.add_argument("--outbox-max-bytes", type=int, help="bytes queued per client before it is a slow consumer (default 8 MiB)")
+    parser.add_argument("--channel-heartbeat", type=float, help="seconds of quiet before a channel's HEARTBEAT (default 15; 0: off)")
+    parser.add_argument(
+        "--drain-close-code", type=int, choices=(1001, 1012), help="close code on SIGTERM: 1001 shutdown (default), 1012 restart"
+    )
+    parser.add_argument("--shutdown-timeout", type=float, help="seconds clients get to flush and close on shutdown (default 5)")
+    parser.add_argument("--report", action="store_true", help="print the performance report on stdout at shutdown")
+    _security_flags(parser.add_argument_group("security"))
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _security_flags(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--trusted-proxies", type=_list, metavar="LIST", help="proxies (addresses, CIDRs) whose X-Forwarded-For names the client")
+    group.add_argument("--blocked-addresses", type=_list, metavar="LIST", help="addresses and CIDRs refused with 403 from the start")
+    group.add_argument("--allowed-origins", type=_list, metavar="LIST", help="Origins browsers may connect from (default: any)")
+    group.add_argument("--deny-missing-origin", dest="allow_missing_origin", action="store_const", const=False,
+                       help="refuse handshakes without an Origin header")
+    group.add_argument("--handshake-rate-limit", type=int, metavar="N", help="handshakes per address per window (default 100; 0: off)")
+    group.add_argument("--handshake-rate-window", type=float, metavar="S", help="seconds of the handshake window (default 60)")
+    group.add_argument("--max-connections-per-ip", type=int, metavar="N", help="open connections per address (default 1000; 0: off)")
+    group.add_argument("--message-rate", type=float, metavar="N", help="messages per second per connection, producers exempt (default 100; 0: off)")
+    group.add_argument("--message-burst", type=int, metavar="N", help="messages a connection may send at once (default 200)")
+    group.add_argument("--max-message-size", type=int, metavar="BYTES", help="largest client message (default 1 MiB)")
+    group.add_argument("--max-channels-per-connection", type=int, metavar="N", help="subscriptions per connection (default 256)")
+    group.add_argument("--auth-failure-limit", type=int, metavar="N", help="failed authentications per address per minute before a ban (default 10; 0: off)")
+    group.add_argument("--auth-ban-duration", type=float, metavar="S", help="seconds a ban lasts (default 600)")
 
 
 _FLAGS = (
     "host", "port", "simulate", "sim_rate", "sim_seed", "log_level", "log_file", "log_format",
     "jwt_secret", "jwt_public_key", "require_auth", "allow_anonymous_publish", "history_size",
     "history_ttl", "outbox_size", "ping_interval", "ping_timeout",
+    "outbox_max_bytes", "channel_heartbeat", "drain_close_code", "shutdown_timeout",
+    "trusted_proxies", "blocked_addresses", "allowed_origins", "allow_missing_origin", "handshake_rate_limit",
+    "handshake_rate_window", "max_connections_per_ip", "message_rate", "message_burst", "max_message_size",
+    "max_channels_per_connection", "auth_failure_limit", "auth_ban_duration",
 )
 
 
@@ -60,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config)
     try:
-        trio.run(_serve, config)
+        trio.run(_serve, config, getattr(args, "report", False))
     except (OSError, ExceptionGroup) as exc:
         cause = _first_os_error(exc)
         if cause is None:
@@ -81,7 +115,7 @@ def _first_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-async def _serve(config: Any) -> None:
+async def _serve(config: Any, report: bool = False) -> None:
     from ..server import Gateway
 
     gateway = Gateway(config)
@@ -89,7 +123,12 @@ async def _serve(config: Any) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.run)
             async for signum in signals:
-                log.info("%s: closing every client with 1001", signal.Signals(signum).name)
-                await gateway.shutdown(1001)
+                # SIGTERM is how supervisors stop or restart a node; Ctrl-C is a final stop.
+                code = config.drain_close_code if signum == signal.SIGTERM else 1001
+                reason = "server restarting" if code == 1012 else "server shutting down"
+                log.info("%s: closing every client with %d", signal.Signals(signum).name, code)
+                await gateway.shutdown(code, reason)
                 break
     log.info("stopped")
+    if report:
+        sys.stdout.write(gateway.metrics.report())

@@ -5,11 +5,13 @@
          ├─ dispatcher (handlers, pacing, event streams)
          └─ connect loop ── per connection, a session nursery:
               trio-websocket reader, resume (SUBSCRIBE with since), keepalive PINGs,
-              and the frame reader (this task)
+              the channel watchdog, and the frame reader (this task)
 
 The frame reader alone updates the last-offset table, so positions, dedup and gaps
-follow the order of the wire. A lost connection is retried with full-jitter backoff
-and resumed from the last offset seen on every channel.
+follow the order of the wire. A lost connection, however it ended (network drop,
+4008, 1001/1012, a restart), is retried with full-jitter backoff, the first retry
+included, and resumed from the last offset seen on every channel. The watchdog
+resubscribes a channel that went silent or whose HEARTBEAT shows a missed event.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..protocol import (
     CommandType,
     Envelope,
     ErrorPayload,
+    Heartbeat,
     ProtocolError,
     PublishedEvent,
     ReplyType,
@@ -48,7 +51,9 @@ from ._errors import ClientClosed, CommandError, ConnectionLost
 from ._options import ClientOptions, ClientState, make_options
 from ._pacing import Pacer
 from ._positions import Gap, Positions
+from ._refresh import keep_token_fresh
 from ._session import Session
+from ._watchdog import stale_after
 
 log = logging.getLogger("kaldrix.client")
 
@@ -95,6 +100,8 @@ class KaldrixClient:
         self._closing = False
         self._done = False
         self._stopped = trio.Event()
+        self._token: str | None = None
+        """The token of the current connection's handshake, refreshed before it expires."""
 
     # -- the application's API --------------------------------------------------------
 
@@ -154,10 +161,12 @@ class KaldrixClient:
 
     async def leave(self, *channels: str) -> None:
         """Unsubscribe; events of these channels already on their way are dropped."""
+        session = self._session
         for name in channels:
             self._channels.pop(name, None)
             self._positions.forget(name)
-        session = self._session
+            if session is not None:
+                session.freshness.forget(name)
         if session is None or session.lost:
             return
         present = [name for name in channels if name in session.subscribed]
@@ -198,6 +207,17 @@ class KaldrixClient:
         """Round-trip latency in milliseconds (also kept in state.message_latency)."""
         session = await self._wait_session()
         return self._record_latency(await session.ping())
+
+    async def reconnect(self) -> None:
+        """Drop the current connection and resume on a new one (after the usual jittered
+        backoff), for instance after the network changed. Nothing is lost: every channel
+        resumes from its last offset."""
+        session = self._session
+        if session is None or session.lost:
+            return
+        session.refusal = "reconnect requested"
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await session.ws.aclose()
 
     async def close(self) -> None:
         """Close the connection (1000) and stop; events not yet dispatched are dropped."""
@@ -297,7 +317,8 @@ class KaldrixClient:
                             max_message_size=self.options.max_message_size,
                         )
                         welcome = await _read_welcome(ws)
-                    return await self._serve(Session(ws, welcome))
+                    session = Session(ws, welcome, stale_after=stale_after(self.options.stale_after, welcome.channel_heartbeat))
+                    return await self._serve(session)
                 finally:
                     # Let the reader see the server's close and the TCP end, within bounds.
                     socket_nursery.cancel_scope.deadline = min(
@@ -315,6 +336,7 @@ class KaldrixClient:
                 token = await token
         if token:
             headers.append((b"Authorization", f"Bearer {token}".encode()))
+        self._token = token or None
         return headers
 
     async def _serve(self, session: Session) -> _Outcome:
@@ -327,8 +349,11 @@ class KaldrixClient:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._resume, session)
+                if callable(self.options.token) and self._token:
+                    nursery.start_soon(keep_token_fresh, session, self.options.token, self._token)
                 if self.options.ping_interval is not None:
                     nursery.start_soon(self._keepalive, session)
+                nursery.start_soon(self._watch_channels, session)
                 reason = await self._read(session)
                 nursery.cancel_scope.cancel()
         finally:
@@ -358,34 +383,48 @@ class KaldrixClient:
                 log.warning("%s: ignoring a message this client cannot read: %s", self.options.url, message)
                 continue
             if message.channel is not None:
-                await self._admit(message)
+                await self._admit(session, message)
                 continue
+            if isinstance(message.payload, Heartbeat):
+                self._take_heartbeat(session, message.payload)
             follow = session.resolve(message)
             if follow is not None:
                 for item in follow:
-                    await self._emit(item)
+                    await self._emit(session, item)
                 continue
             if isinstance(message.payload, ErrorPayload):
                 session.refusal = f"{message.payload.code}: {message.payload.message}"
                 log.warning("%s: server error: %s", self.options.url, session.refusal)
             if message.type != ReplyType.WELCOME:
-                await self._inbound.send(message)
+                await self._hand_off(session, message)
 
-    async def _admit(self, event: Envelope) -> None:
+    async def _admit(self, session: Session, event: Envelope) -> None:
         channel = event.channel
         assert channel is not None
         if channel not in self._channels:
             return
+        session.freshness.heard(channel, trio.current_time())
         if event.offset is None or event.epoch is None:
-            await self._inbound.send(event)
+            await self._hand_off(session, event)
             return
         accept, gap = self._positions.admit(channel, event.offset, event.epoch)
         if gap is not None:
-            await self._emit(gap)
+            await self._emit(session, gap)
         if accept:
-            await self._inbound.send(event)
+            await self._hand_off(session, event)
 
-    async def _emit(self, item: Any) -> None:
+    def _take_heartbeat(self, session: Session, heartbeat: Heartbeat) -> None:
+        name = heartbeat.channel
+        if name not in self._channels or name not in session.subscribed:
+            return
+        last = self.state.last_offsets.get(name)
+        position = (heartbeat.offset, heartbeat.epoch)
+        if session.freshness.heartbeat(name, position, last, trio.current_time()):
+            log.warning("%s: HEARTBEAT on %s is at %s@%s but the last event seen is %s@%s: resubscribing",
+                        self.options.url, name, *position, *(last or ("-", "-")))
+            session.resync_wanted.set()
+
+    async def _emit(self, session: Session, item: Any) -> None:
         if isinstance(item, Gap):
             # Never silent: a warning unless the application handles gaps itself.
             log.log(
@@ -393,7 +432,23 @@ class KaldrixClient:
                 "%s: gap on %s: saw %s@%s, continuing after %s@%s (%s)",
                 self.options.url, item.channel, item.last_offset, item.epoch, item.new_offset, item.new_epoch, item.reason,
             )
-        await self._inbound.send(item)
+        await self._hand_off(session, item)
+
+    async def _hand_off(self, session: Session, item: Any) -> None:
+        """Give an item to the dispatcher. While a slow application makes the reader wait,
+        the silence on the socket is ours, not the server's: the watchdog does not count it."""
+        try:
+            self._inbound.send_nowait(item)
+            return
+        except trio.WouldBlock:
+            pass
+        session.handing_off = True
+        started = trio.current_time()
+        try:
+            await self._inbound.send(item)
+        finally:
+            session.handing_off = False
+            session.freshness.paused(trio.current_time() - started)
 
     async def _resume(self, session: Session) -> None:
         """Join every channel again, from the last offset seen; then the session is ready."""
@@ -428,8 +483,10 @@ class KaldrixClient:
 
         def apply(ack: Ack) -> list[Any]:
             gaps = []
+            now = trio.current_time()
             for name, position in (ack.channels or {}).items():
                 session.subscribed.add(name)
+                session.freshness.heard(name, now)
                 if name in self._channels and (gap := self._positions.subscribed(name, position)):
                     gaps.append(gap)
             return gaps
@@ -451,6 +508,37 @@ class KaldrixClient:
                 log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await session.ws.aclose(CloseCode.GOING_AWAY, "ping timeout")
+                return
+
+    async def _watch_channels(self, session: Session) -> None:
+        """Resubscribe (with since) channels that went silent too long or whose HEARTBEAT
+        shows a missed event; replace the connection when that gets no answer in time."""
+        freshness = session.freshness
+        await session.ready.wait()
+        patience = freshness.stale_after or self.options.connect_timeout
+        while True:
+            with trio.move_on_after(freshness.check_interval):
+                await session.resync_wanted.wait()
+            session.resync_wanted = trio.Event()
+            held = [name for name in self._channels if name in session.subscribed]
+            # While the application keeps the reader waiting, silence proves nothing.
+            channels = freshness.due(held, trio.current_time(), silence=not session.handing_off)
+            if not channels:
+                continue
+            self.state.resyncs += len(channels)
+            log.warning("%s: resubscribing %s from the last offsets seen", self.options.url, ", ".join(channels))
+            with trio.move_on_after(patience) as waited:
+                try:
+                    await self._subscribe_on(session, channels)
+                except ConnectionLost:
+                    return
+                except CommandError as exc:
+                    log.error("%s: resubscribing %s refused: %s", self.options.url, ", ".join(channels), exc)
+            if waited.cancelled_caught:
+                session.refusal = f"no answer to resubscribing {', '.join(channels)} within {patience}s"
+                log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await session.ws.aclose(CloseCode.GOING_AWAY, "stalled subscription")
                 return
 
     # -- helpers --------------------------------------------------------------------------

@@ -50,6 +50,10 @@ class ClientOptions:
     buffer_size: int = attrs.field(default=1024, validator=_not_negative)
     """Events held between the socket and slow handlers or iterators before reading pauses."""
     max_message_size: int = attrs.field(default=1 << 22, validator=_positive)
+    stale_after: float | None = attrs.field(default=None, validator=attrs.validators.optional(_not_negative))
+    """Seconds without anything (event or HEARTBEAT) for a channel before it is resubscribed
+    with `since`, and the connection replaced if that gets no answer. None: three times the
+    server's announced channel heartbeat (no watchdog if it announces none); 0: never."""
     rng: random.Random = attrs.field(factory=random.Random, eq=False, repr=False)
     """Source of backoff jitter; seed it for reproducible delays."""
 
@@ -65,6 +69,8 @@ class ClientState:
     message_latency: float | None = None
     """Round trip of the latest PING, in milliseconds."""
     session_id: str | None = None
+    resyncs: int = 0
+    """Channels resubscribed because they went quiet too long or a HEARTBEAT showed a missed event."""
     last_offsets: dict[str, tuple[int, str]] = attrs.Factory(dict)
     """Per channel, the (offset, epoch) of the last event seen: where a reconnect resumes."""
 

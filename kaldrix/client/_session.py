@@ -27,6 +27,7 @@ from ..protocol import (
     reply_type,
 )
 from ._errors import CommandError, ConnectionLost
+from ._watchdog import Freshness
 
 ApplyAck = Callable[[Ack], list[Any]]
 
@@ -41,11 +42,17 @@ class _Waiter:
 class Session:
     """The client's side of one connection, from WELCOME to close."""
 
-    def __init__(self, ws: WebSocketConnection, welcome: Welcome) -> None:
+    def __init__(self, ws: WebSocketConnection, welcome: Welcome, *, stale_after: float | None = None) -> None:
         self.ws = ws
         self.welcome = welcome
         self.subscribed: set[str] = set()
         self.ready = trio.Event()
+        self.freshness = Freshness(stale_after)
+        """When each channel was last heard from on this connection (the staleness watchdog)."""
+        self.resync_wanted = trio.Event()
+        """Set when a HEARTBEAT showed a missed event: the watchdog should look now."""
+        self.handing_off = False
+        """True while the reader waits for the application to take an item."""
         self.lost = False
         self.refusal: str | None = None
         """The last ERROR that answered nothing we sent (it often explains a close)."""

@@ -8,7 +8,7 @@ import attrs
 
 from ._errors import ErrorCode
 from ._events import EventPayload
-from ._types import CommandType, Count, EventType, ReplyType, Timestamp
+from ._types import AdminAction, CommandType, Count, EventType, ReplyType, Timestamp
 
 # -- client -> server ---------------------------------------------------------------
 
@@ -81,6 +81,17 @@ class RequestMetrics:
     type: str = "all"
 
 
+@attrs.frozen
+class Admin:
+    """ADMIN: block or unblock an address or CIDR range, or list the block list (admin role)."""
+
+    action: AdminAction
+    address: str | None = None
+    """An IPv4 or IPv6 address or CIDR range; required to block and unblock."""
+    duration: float | None = None
+    """Seconds a block lasts; absent: until unblocked."""
+
+
 # -- server -> client ---------------------------------------------------------------
 
 
@@ -102,6 +113,9 @@ class Welcome:
     heartbeat_interval: int
     authenticated: bool
     user: UserInfo | None = None
+    channel_heartbeat: int | None = None
+    """Milliseconds a subscribed channel may stay quiet before the server sends a HEARTBEAT
+    for it (0: never); a client watching for stalled channels derives its patience from it."""
 
 
 @attrs.frozen
@@ -124,6 +138,24 @@ class PublishResult:
 
 
 @attrs.frozen
+class BlockEntry:
+    """One entry of the block list: an address or CIDR range, why, and until when."""
+
+    address: str
+    reason: str
+    expires: Timestamp | None = None
+
+
+@attrs.frozen
+class AdminResult:
+    """Answer to ADMIN: whether the block list changed, connections closed, the list after it."""
+
+    blocked: list[BlockEntry]
+    changed: bool = False
+    closed: int = 0
+
+
+@attrs.frozen
 class Ack:
     """ACK: the command whose `id` is `ref` succeeded."""
 
@@ -131,6 +163,7 @@ class Ack:
     channels: dict[str, ChannelPosition] | None = None
     results: list[PublishResult] | None = None
     user: UserInfo | None = None
+    admin: AdminResult | None = None
 
 
 @attrs.frozen
@@ -161,6 +194,17 @@ class MetricsResponse:
     ref: str | None = None
 
 
+@attrs.frozen
+class Heartbeat:
+    """HEARTBEAT: a subscribed channel has been quiet; where it stands, so that a subscriber
+    can tell a quiet channel from a stalled subscription or a missed event."""
+
+    channel: str
+    offset: Count
+    """The channel's latest offset: every event up to it was sent before this message."""
+    epoch: str
+
+
 COMMAND_PAYLOADS: dict[CommandType, type[Any]] = {
     CommandType.AUTH: Auth,
     CommandType.SUBSCRIBE: Subscribe,
@@ -168,6 +212,7 @@ COMMAND_PAYLOADS: dict[CommandType, type[Any]] = {
     CommandType.PUBLISH: Publish,
     CommandType.PING: Ping,
     CommandType.REQUEST_METRICS: RequestMetrics,
+    CommandType.ADMIN: Admin,
 }
 """Which payload class each client command carries."""
 
@@ -177,5 +222,6 @@ REPLY_PAYLOADS: dict[ReplyType, type[Any]] = {
     ReplyType.ERROR: ErrorPayload,
     ReplyType.PONG: Pong,
     ReplyType.METRICS_RESPONSE: MetricsResponse,
+    ReplyType.HEARTBEAT: Heartbeat,
 }
 """Which payload class each server control message carries."""

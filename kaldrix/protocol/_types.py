@@ -131,6 +131,15 @@ class CommandType(enum.StrEnum):
     PUBLISH = "PUBLISH"
     PING = "PING"
     REQUEST_METRICS = "REQUEST_METRICS"
+    ADMIN = "ADMIN"
+
+
+class AdminAction(enum.StrEnum):
+    """What an ADMIN command does (admin role)."""
+
+    BLOCK = "block"
+    UNBLOCK = "unblock"
+    LIST = "list"
 
 
 class ReplyType(enum.StrEnum):
@@ -141,3 +150,4 @@ class ReplyType(enum.StrEnum):
     ERROR = "ERROR"
     PONG = "PONG"
     METRICS_RESPONSE = "METRICS_RESPONSE"
+    HEARTBEAT = "HEARTBEAT"

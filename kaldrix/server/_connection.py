@@ -34,15 +34,16 @@ from ..protocol import (
     now_timestamp,
 )
 from ..security import AuthError, Principal, may_admin, may_publish, may_subscribe
+from . import _admin, _admission
+from ._drain import flush_deadline
 from ._frames import error_frame, reply_frame
 from ._router import RouterRequest
-from ._wire import WriteState, abort, check_compatible, send_frames
+from ._wire import DirectWriter, WriteState, abort, check_compatible, send_frames
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
 
 log = logging.getLogger("kaldrix.connection")
-audit = logging.getLogger("kaldrix.audit")
 
 WRITE_BATCH_BYTES = 256 * 1024
 """Queued frames are joined into one socket write up to about this many bytes."""
@@ -69,31 +70,136 @@ class Connection:
         self.principal = principal
         self.channels: set[str] = set()
         self._auth_error = auth_error
-        self._outbox, self._outbox_reader = trio.open_memory_channel[tuple[bytes, float]](self.config.outbox_size)
+        self._outbox, self._outbox_reader = trio.open_memory_channel[tuple[bytes | list[bytes], float]](self.config.outbox_size)
+        self._queued_bytes = 0
+        """Bytes offered and not yet written: bounded by outbox_max_bytes, like the count by outbox_size."""
+        self._replay_bytes = 0
+        """The part of _queued_bytes that is a recovery replay, which the limit leaves out."""
         self._inbox = gateway.router_inbox
         self._scope = trio.CancelScope()
         self._auth_changed = trio.Event()
         self._write_state = WriteState()
+        self._direct = DirectWriter(ws, enabled=self.config.direct_writes)
+        self._direct_ok = self._direct.enabled
+        self._batch = gateway.router.write_batch
+        self._held: list[tuple[bytes, float]] = []
+        """Event frames offered during the router's current batch, written at its end."""
+        self.message_rate = gateway.guard.new_message_rate(time.monotonic())
         self.close_code: int | None = None
         self.close_reason = ""
 
     # -- called by the router and the gateway (never wait) --------------------------
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes offered and not yet written (kept under outbox_max_bytes)."""
+        return self._queued_bytes
+
     def offer(self, frame: bytes, accepted_at: float) -> bool:
         """Queue a frame; False when the outbox is full or gone, or the connection is closing."""
         if self.close_code is not None:
             return False
+        if self._held:
+            if accepted_at and self._batch.active:
+                self._held.append((frame, accepted_at))
+                return True
+            if not self.release():  # a control frame goes after the events before it
+                return False
+        size = len(frame)
+        if not self._queued_bytes and self._direct_ok:
+            # Nothing queued: straight into the socket, no task switch (kaldrix.server._wire);
+            # during a router batch, at its end, with the other events of the batch.
+            if accepted_at and self._batch.active:
+                self._held.append((frame, accepted_at))
+                self._batch.pending.append(self)
+                return True
+            written = self._direct.try_write(frame)
+            if written == size:
+                metrics = self.metrics
+                metrics.messages_out += 1
+                metrics.bytes_out += size
+                if accepted_at:
+                    metrics.record_delivery(time.monotonic() - accepted_at)
+                return True
+            if written:
+                # Part of the frame is on the wire: the writer finishes it before anything
+                # else, and a connection closed before then is aborted, not closed cleanly.
+                self._write_state.mid_write = True
+                self.metrics.bytes_out += written
+                frame = frame[written:]
+        return self._enqueue(frame, accepted_at)
+
+    def release(self) -> bool:
+        """Write the frames held during a router batch with one system call; queue for the
+        writer what the socket does not take. False when that does not fit (slow consumer)."""
+        held, self._held = self._held, []
+        if not held or self.close_code is not None:
+            return True
+        data = held[0][0] if len(held) == 1 else b"".join([frame for frame, _ in held])
+        written = 0 if self._queued_bytes else self._direct.try_write(data)
+        metrics = self.metrics
+        done = index = 0
+        now = time.monotonic()
+        for frame, accepted_at in held:
+            end = done + len(frame)
+            if end > written:
+                break
+            metrics.record_delivery(now - accepted_at)
+            done = end
+            index += 1
+        metrics.messages_out += index
+        metrics.bytes_out += done
+        if index == len(held):
+            return True
+        frame, accepted_at = held[index]
+        if written > done:
+            self._write_state.mid_write = True  # as in offer: the writer finishes this frame first
+            metrics.bytes_out += written - done
+            frame = frame[written - done :]
+        if not self._enqueue(frame, accepted_at):
+            return False
+        return all(self._enqueue(frame, accepted_at) for frame, accepted_at in held[index + 1 :])
+
+    def _enqueue(self, frame: bytes, accepted_at: float) -> bool:
+        """Queue a frame for the writer task, within outbox_size and outbox_max_bytes."""
+        size = len(frame)
+        live = self._queued_bytes - self._replay_bytes
+        if live and live + size > self.config.outbox_max_bytes:
+            return False  # an empty outbox takes any frame, so a large event cannot wedge a client
         try:
             self._outbox.send_nowait((frame, accepted_at))
         except trio.WouldBlock:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self._queued_bytes += size
+        return True
+
+    def offer_replay(self, frames: list[bytes]) -> bool:
+        """Queue the frames a SUBSCRIBE with `since` replays, as one outbox item.
+
+        They are history's own bytes (no copy), bounded by history_size, so they take one
+        place in the outbox and do not count against outbox_max_bytes: a replay larger than
+        the outbox would otherwise end every reconnect with 4008, and the client could never
+        catch up.
+        """
+        if self.close_code is not None:
+            return False
+        if self._held and not self.release():  # events held before it go first
+            return False
+        try:
+            self._outbox.send_nowait((frames, 0.0))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        size = sum(map(len, frames))
+        self._queued_bytes += size
+        self._replay_bytes += size
         return True
 
     def kick(self, code: int, reason: str) -> bool:
-        """Close soon with `code`; True only for the first call."""
-        if self.close_code is not None:
+        """Close soon with `code`; True only for the first call, and False once the
+        connection is ending anyway (the peer left: not a slow consumer to count)."""
+        if self.close_code is not None or self._scope.cancel_called:
             return False
         self.close_code = code
         self.close_reason = reason
@@ -126,7 +232,7 @@ class Connection:
                     if self.close_code == CloseCode.SLOW_CONSUMER:
                         nursery.cancel_scope.cancel()
                     else:
-                        nursery.cancel_scope.deadline = trio.current_time() + self.config.close_timeout
+                        nursery.cancel_scope.deadline = flush_deadline(self.gateway, self.config.close_timeout)
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
@@ -167,6 +273,8 @@ class Connection:
                     )
                     self.kick(CloseCode.TOO_BIG, "message too big")
                     return
+                if _admission.throttled(self, message):
+                    continue
                 try:
                     await self._handle(message)
                 except Exception:
@@ -183,18 +291,25 @@ class Connection:
         reader = self._outbox_reader
         metrics = self.metrics
         async for frame, accepted_at in reader:
-            frames = [frame]
-            stamps = [accepted_at] if accepted_at else []
-            size = len(frame)
-            while size < WRITE_BATCH_BYTES:
+            frames: list[bytes] = []
+            stamps: list[float] = []
+            size = replayed = 0
+            while True:
+                if type(frame) is list:  # a replay (offer_replay)
+                    frames.extend(frame)
+                    replayed += sum(map(len, frame))
+                else:
+                    frames.append(frame)
+                    size += len(frame)
+                    if accepted_at:
+                        stamps.append(accepted_at)
+                if size + replayed >= WRITE_BATCH_BYTES:
+                    break
                 try:
                     frame, accepted_at = reader.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                frames.append(frame)
-                size += len(frame)
-                if accepted_at:
-                    stamps.append(accepted_at)
+            size += replayed
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             try:
                 await send_frames(self.ws, data, self._write_state)
@@ -204,6 +319,8 @@ class Connection:
                 return
             metrics.messages_out += len(frames)
             metrics.bytes_out += size
+            self._queued_bytes -= size
+            self._replay_bytes -= replayed
             if stamps:
                 now = time.monotonic()
                 for stamp in stamps:
@@ -234,6 +351,7 @@ class Connection:
                     await changed.wait()
                     continue
                 self.kick(CloseCode.AUTH_FAILED, "authentication timeout")
+                _admission.auth_failed(self, "no token within the auth timeout")
                 return
             if principal.expires_at is None:
                 await changed.wait()
@@ -242,7 +360,7 @@ class Connection:
             with trio.move_on_after(max(0.0, principal.expires_at + grace - time.time())):
                 await changed.wait()
                 continue
-            audit.warning("token expired remote=%s sub=%s", self.remote, principal.sub)
+            _admission.audit_connection(self, "token_expired", "the token expired", sub=principal.sub)
             self.kick(CloseCode.AUTH_FAILED, "token expired")
             return
 
@@ -256,6 +374,9 @@ class Connection:
         command = decode_command(message)
         if isinstance(command, ProtocolError):
             self._refuse(command)
+            return
+        if problem := _admission.check_command(self, command):
+            self._refuse(problem)
             return
         if self.principal is None and self._auth_required and command.type is not CommandType.AUTH:
             self._refuse(ProtocolError(ErrorCode.UNAUTHORIZED, "authenticate first with AUTH", ref=command.id))
@@ -273,6 +394,8 @@ class Connection:
                 await self._inbox.send(RouterRequest(command=command, origin=self))
             case CommandType.PUBLISH:
                 await self._publish(command)
+            case CommandType.ADMIN:
+                _admin.handle_command(self, command)
 
     async def _subscribe(self, command: Command) -> None:
         open_mode = self.gateway.open_mode
@@ -328,7 +451,7 @@ class Connection:
         except AuthError as exc:
             if self.principal is not None:
                 # A failed refresh: the current token still holds until it expires.
-                audit.warning("token refresh failed remote=%s reason=%s", self.remote, exc.reason)
+                _admission.auth_failed(self, f"refresh refused: {exc.reason}")
                 self._refuse(ProtocolError(ErrorCode.UNAUTHORIZED, exc.reason, ref=ref))
             else:
                 self._refuse_auth(exc.reason, ref)
@@ -341,20 +464,26 @@ class Connection:
         self._reply(ReplyType.ACK, Ack(ref=ref, user=UserInfo(sub=principal.sub, role=principal.role.value)))
 
     def _refuse_auth(self, reason: str, ref: str | None) -> None:
-        audit.warning("authentication failed remote=%s reason=%s", self.remote, reason)
         self._refuse(ProtocolError(ErrorCode.UNAUTHORIZED, reason, ref=ref))
         self.kick(CloseCode.AUTH_FAILED, "authentication failed")
+        _admission.auth_failed(self, reason)
 
     # -- replies -------------------------------------------------------------------
 
     def _reply(self, reply: ReplyType, payload: Any) -> None:
         if not self.offer(reply_frame(reply, payload), 0.0):
-            self.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
+            self._too_slow()
 
     def _refuse(self, error: ProtocolError) -> None:
         self.metrics.error(error.code)
         if not self.offer(error_frame(error), 0.0):
-            self.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full")
+            self._too_slow()
+
+    def _too_slow(self) -> None:
+        """A reply does not fit the outbox: counted and logged like the router's 4008s."""
+        if self.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full"):
+            log.warning("slow consumer %s: outbox full, closing with 4008", self.session_id)
+            self.metrics.slow_consumer_closes += 1
 
     def _welcome(self) -> Welcome:
         user = None if self.principal is None else UserInfo(sub=self.principal.sub, role=self.principal.role.value)
@@ -363,6 +492,7 @@ class Connection:
             server_version=__version__,
             protocol_version=PROTOCOL_VERSION,
             heartbeat_interval=int(self.config.ping_interval * 1000),
+            channel_heartbeat=int(self.config.channel_heartbeat * 1000),
             authenticated=self.principal is not None,
             user=user,
         )

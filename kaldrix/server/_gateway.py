@@ -22,6 +22,7 @@ from trio_websocket import wrap_server_stream
 from .. import __version__
 from ..broker import MemoryBroker
 from ..config import Config
+from ..alerts import run_alerts
 from ..metrics import Metrics
 from ..protocol import (
     Command,
@@ -30,9 +31,10 @@ from ..protocol import (
     Publish,
     as_published,
 )
-from ..security import AuthError, Principal, TokenVerifier
-from . import _admission, _ops
+from ..security import AuthError, Guard, Principal, TokenVerifier
+from . import _admission, _drain, _ops
 from ._connection import Connection
+from ._heartbeat import run_channel_timers, sweep_interval
 from ._http import BadRequest, ReplayStream, RequestHead, Response, read_head, respond
 from ._router import Router, RouterRequest
 
@@ -66,7 +68,7 @@ class Gateway:
 
     def __init__(self, config: Config, *, broker: MemoryBroker | None = None) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_samples=config.max_samples, record_latency=config.record_latency)
         self.broker = broker or MemoryBroker(
             history_size=config.history_size,
             history_ttl=config.history_ttl,
@@ -74,9 +76,11 @@ class Gateway:
         )
         self.router = Router(self.broker, self.metrics, max_channels_per_connection=config.max_channels_per_connection)
         self.verifier = TokenVerifier.from_config(config)
+        self.guard = Guard.from_config(config)
         self.router_inbox, self._router_inbox_reader = trio.open_memory_channel[RouterRequest](ROUTER_INBOX_SIZE)
         self.connections: set[Connection] = set()
         self.draining = False
+        self.drain: _drain.Drain | None = None
         self.port: int | None = None
         self._listen_scope = trio.CancelScope()
         self._root_scope: trio.CancelScope | None = None
@@ -115,6 +119,15 @@ class Gateway:
                     )
                 )
             root.start_soon(self._sample_metrics)
+            await root.start(
+                functools.partial(
+                    run_channel_timers,
+                    self.router,
+                    heartbeat=self.config.channel_heartbeat,
+                    sweep_every=sweep_interval(self.config.history_ttl, self.config.dedup_window),
+                )
+            )
+            await root.start(run_alerts, self.metrics, self.config, self.publish_events)
             log.info("kaldrix %s listening on %s (http://%s:%s/healthz)", __version__, self.url, self.config.host, self.port)
             if self.open_mode:
                 log.warning(
@@ -136,12 +149,7 @@ class Gateway:
 
     async def shutdown(self, code: int = 1001, reason: str = "server shutting down") -> None:
         """Stop accepting, close every client with `code`, wait for them (bounded), stop."""
-        self.draining = True
-        self._listen_scope.cancel()
-        for conn in list(self.connections):
-            conn.kick(code, reason)
-        with trio.move_on_after(self.config.shutdown_timeout):
-            await self._idle.wait()
+        await _drain.drain(self, code, reason)
         if self._root_scope is not None:
             self._root_scope.cancel()
 
@@ -163,7 +171,7 @@ class Gateway:
 
     async def _sample_metrics(self) -> None:
         while True:
-            await trio.sleep(SAMPLING_INTERVAL)
+            await trio.sleep(self.config.sampling_interval)
             self.metrics.sample(time.monotonic())
 
     # -- per TCP connection -----------------------------------------------------------
@@ -195,7 +203,7 @@ class Gateway:
             await stream.aclose()
             return
         if not head.is_websocket_upgrade:
-            await respond(stream, _ops.answer(self, head), head_only=head.method == "HEAD")
+            await respond(stream, await _ops.answer_stream(self, head, stream, peer_host), head_only=head.method == "HEAD")
             return
         if head.path not in WEBSOCKET_PATHS:
             await respond(stream, Response.json(404, {"error": f"no WebSocket endpoint at {head.path}; use /ws"}))
@@ -208,7 +216,8 @@ class Gateway:
         if refusal is not None:
             await respond(stream, refusal)
             return
-        await self._serve_websocket(stream, head, _show(client_host, peer_port), accepted_at)
+        with _admission.counted(self, client_host):
+            await self._serve_websocket(stream, head, _show(client_host, peer_port), accepted_at)
 
     async def _serve_websocket(self, stream: trio.SocketStream, head: RequestHead, remote: str, accepted_at: float) -> None:
         principal, auth_error = self._handshake_principal(head)
@@ -228,6 +237,8 @@ class Gateway:
                 return
             conn = Connection(self, ws, remote=remote, principal=principal, auth_error=auth_error)
             self.connections.add(conn)
+            _drain.admit_late(self, conn)
+            _admission.admit_late(self, conn)
             self._idle = trio.Event() if self._idle.is_set() else self._idle
             self.metrics.connection_opened()
             self.metrics.record_connect(time.monotonic() - accepted_at)

@@ -6,10 +6,14 @@ Each route is a function of the gateway and the request head returning a Respons
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import trio
+
 from .. import __version__
+from ..web import WEB_ROUTES  # landing page, /debug, /kaldrix.js and their files
+from . import _admin
 from ._http import RequestHead, Response
 
 if TYPE_CHECKING:
@@ -30,21 +34,36 @@ def readyz(gateway: Gateway, head: RequestHead) -> Response:
     return Response.json(200, {"ready": True})
 
 
-def landing(gateway: Gateway, head: RequestHead) -> Response:
-    """What this server is, for a person who opens it in a browser."""
-    text = (
-        f"kaldrix {__version__}: the real-time event gateway of the KALDRIX chain.\n"
-        "WebSocket endpoint: /ws (protocol v1)\n"
-        "Health: /healthz  Readiness: /readyz\n"
-    )
-    return Response(200, text.encode(), content_type="text/plain; charset=utf-8")
+def metrics(gateway: Gateway, head: RequestHead) -> Response:
+    """Prometheus text exposition; admin only when the server verifies tokens."""
+    from ..metrics_export import metrics_response  # prometheus_client loads on the first scrape
+
+    return metrics_response(gateway, head)
 
 
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/healthz"): healthz,
     ("GET", "/readyz"): readyz,
-    ("GET", "/"): landing,
+    ("GET", "/metrics"): metrics,
+    **WEB_ROUTES,
 }
+
+StreamRoute = Callable[["Gateway", RequestHead, trio.abc.Stream, str], Awaitable[Response]]
+"""A route that reads the request body from the stream itself; it also gets the socket peer's address."""
+
+STREAM_ROUTES: dict[tuple[str, str], StreamRoute] = {
+    ("POST", "/api/admin/block"): _admin.block_route,
+    ("POST", "/api/admin/unblock"): _admin.unblock_route,
+    ("GET", "/api/admin/blocked"): _admin.list_route,
+}
+
+
+async def answer_stream(gateway: Gateway, head: RequestHead, stream: trio.abc.Stream, peer_host: str) -> Response:
+    """The response to a plain HTTP request, for routes of either table."""
+    route = STREAM_ROUTES.get(("GET" if head.method == "HEAD" else head.method, head.path))
+    if route is not None:
+        return await route(gateway, head, stream, peer_host)
+    return answer(gateway, head)
 
 
 def answer(gateway: Gateway, head: RequestHead) -> Response:
@@ -53,7 +72,7 @@ def answer(gateway: Gateway, head: RequestHead) -> Response:
     route = ROUTES.get((method, head.path))
     if route is not None:
         return route(gateway, head)
-    allowed = sorted({m for (m, path) in ROUTES if path == head.path})
+    allowed = sorted({m for (m, path) in [*ROUTES, *STREAM_ROUTES] if path == head.path})
     if allowed:
         return Response.json(405, {"error": "method not allowed"}, headers=(("Allow", ", ".join(allowed)),))
     return Response.json(404, {"error": f"not found: {head.path}"})

@@ -39,9 +39,13 @@ from ..protocol import (
     now_timestamp,
 )
 from ._frames import error_frame, reply_frame
-from ._wire import text_frame
+from ._heartbeat import ChannelClock
+from ._wire import WriteBatch, text_frame
 
 log = logging.getLogger("kaldrix.router")
+
+BATCH_REQUESTS = 32
+"""Inbox requests handled before the frames they produced are written (bounds the delay)."""
 
 
 class Subscriber(Protocol):
@@ -52,6 +56,10 @@ class Subscriber(Protocol):
 
     def offer(self, frame: bytes, accepted_at: float) -> bool:
         """Queue a frame without waiting; False when the outbox is full or closed."""
+
+    def offer_replay(self, frames: list[bytes]) -> bool:
+        """Queue a recovery replay as one outbox item, its bytes outside outbox_max_bytes;
+        False when even that does not fit."""
 
     def kick(self, code: int, reason: str) -> bool:
         """Close the connection soon with `code` (never waits); True the first time."""
@@ -108,6 +116,10 @@ class Router:
         self.metrics = metrics
         self.max_channels_per_connection = max_channels_per_connection
         self._subscribers: dict[str, set[Subscriber]] = {}
+        self.heartbeats = ChannelClock()
+        self.write_batch = WriteBatch()
+        """Event frames held per connection while `run` handles a batch of requests."""
+        """When each subscribed channel last carried a frame (kaldrix.server._heartbeat)."""
 
     # -- inbox ------------------------------------------------------------------
 
@@ -147,8 +159,24 @@ class Router:
     async def run(self, inbox: trio.MemoryReceiveChannel[RouterRequest], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the inbox until it is closed or the task is cancelled."""
         task_status.started()
+        batch = self.write_batch
         async for request in inbox:
-            self.handle(request)
+            # Whatever else is already waiting is handled in the same batch, so that each
+            # subscriber gets the batch's events in one write (kaldrix.server._wire.WriteBatch).
+            # A request alone is written as it is fanned out: holding would only cost time.
+            batch.active = inbox.statistics().current_buffer_used > 0
+            try:
+                self.handle(request)
+                batch.active = True
+                for _ in range(BATCH_REQUESTS - 1):
+                    try:
+                        request = inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    self.handle(request)
+            finally:
+                for conn in batch.release():
+                    self._drop_slow(conn)
 
     # -- subscriptions -------------------------------------------------------------
 
@@ -176,14 +204,15 @@ class Router:
                 frames = replay or []
             positions[name] = ChannelPosition(current.offset, current.epoch, recovered, len(frames))
             replays.extend(frames)
+            if name not in self._subscribers:
+                self.heartbeats.touch(name, time.monotonic())
             self._subscribers.setdefault(name, set()).add(conn)
             conn.channels.add(name)
         if self.metrics is not None:
             self.metrics.replayed += len(replays)
-        if self._send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref, channels=positions))):
-            for frame in replays:
-                if not self._send(conn, frame):
-                    break
+        if self._send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref, channels=positions))) and replays:
+            if not conn.offer_replay(replays):
+                self._drop_slow(conn)
 
     def _unsubscribe(self, conn: Subscriber, ref: str | None, payload: Unsubscribe) -> None:
         for name in payload.channels:
@@ -197,6 +226,7 @@ class Router:
             members.discard(conn)
             if not members:
                 del self._subscribers[name]
+                self.heartbeats.forget(name)
 
     def detach(self, conn: Subscriber) -> None:
         """Forget a connection entirely (it closed)."""
@@ -255,11 +285,16 @@ class Router:
         members = self._subscribers.get(channel)
         if not members:
             return 0
+        self.heartbeats.touch(channel, time.monotonic())
         slow = [conn for conn in members if not conn.offer(frame, accepted_at)]
         delivered = len(members) - len(slow)
         for conn in slow:
             self._drop_slow(conn)
         return delivered
+
+    def broadcast(self, channel: str, frame: bytes) -> int:
+        """Offer a control frame (a HEARTBEAT) to every subscriber of `channel`; never waits."""
+        return self._fan_out(channel, frame, 0.0)
 
     # -- sending --------------------------------------------------------------
 

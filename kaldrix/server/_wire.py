@@ -2,18 +2,32 @@
 
 Server-to-client frames are unmasked and we negotiate no extension, so one encoded
 frame serves every subscriber of a channel. Writing it with ``send_message`` would
-re-frame it per subscriber (wsproto) and cost a task switch each time; instead the
-writer puts frames straight on the connection's stream, under the same lock
-trio-websocket uses for its own writes (pongs, close), so frames never interleave.
+re-frame it per subscriber (wsproto) and cost a task switch each time; instead frames
+go straight on the connection's stream, two ways:
+
+- ``DirectWriter.try_write``: when no write is in progress, a frame is written into the
+  socket at once with one non-blocking system call, from whichever task produced it
+  (the router's fan-out), with no task switch. Whatever the socket does not take is
+  left to the writer task.
+- ``WriteBatch``: while the router works through several inbox requests at once, event
+  frames are held per connection and written with one system call at the end.
+- ``send_frames``: the writer task's path for backlog, under the same lock
+  trio-websocket uses for its own writes (pongs, close), so frames never interleave.
 
 This relies on two private attributes of ``trio_websocket.WebSocketConnection``:
-``_stream`` and ``_stream_lock``. The dependency is pinned (``trio-websocket>=0.12.2,<0.13``)
-and ``check_compatible`` fails loudly at start if they ever disappear.
+``_stream`` and ``_stream_lock``, and on the stream being (a pass-through wrapper of)
+a ``trio.SocketStream``. Every path that makes trio-websocket write a close frame first
+sets what its public ``closed`` reports, which is what keeps direct writes from
+following a close. The dependency is pinned (``trio-websocket>=0.12.2,<0.13``) and
+``check_compatible`` fails loudly at start if any of it changes; tests/test_wire.py
+checks the same against the installed version.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection
@@ -35,11 +49,94 @@ def check_compatible(ws: WebSocketConnection) -> None:
     """Fail loudly if trio-websocket no longer has what the raw write path needs."""
     stream = getattr(ws, "_stream", None)
     lock = getattr(ws, "_stream_lock", None)
-    if not isinstance(stream, trio.abc.SendStream) or not isinstance(lock, trio.StrictFIFOLock):
+    if (
+        not isinstance(stream, trio.abc.SendStream)
+        or not isinstance(lock, trio.StrictFIFOLock)
+        or not hasattr(type(ws), "closed")
+    ):
         raise RuntimeError(
-            "trio-websocket internals changed (_stream/_stream_lock): "
+            "trio-websocket internals changed (_stream/_stream_lock/closed): "
             "kaldrix.server._wire needs updating for this trio-websocket version"
         )
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket beneath pass-through wrappers; None if anything in between transforms
+    the bytes (TLS) or there is no socket at all."""
+    for _ in range(4):
+        if isinstance(stream, trio.SocketStream):
+            return stream.socket
+        if isinstance(stream, trio.SSLStream):
+            return None
+        inner = getattr(stream, "transport_stream", None)
+        if inner is None:
+            return None
+        stream = inner
+    return None
+
+
+class DirectWriter:
+    """Writes a frame into the socket at once when nothing else is writing to it.
+
+    Safe only while the caller has nothing queued for the writer task (the caller
+    keeps that count): order on the wire is the order of `try_write` and queueing.
+    """
+
+    __slots__ = ("_fd_of", "_lock", "_ws")
+
+    def __init__(self, ws: WebSocketConnection, *, enabled: bool = True) -> None:
+        self._ws = ws
+        self._lock: trio.StrictFIFOLock = ws._stream_lock
+        sock = _socket_of(ws._stream) if enabled and os.name == "posix" else None
+        if sock is not None and os.get_blocking(sock.fileno()):
+            sock = None  # a blocking write would stall the whole server
+        self._fd_of = sock.fileno if sock is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._fd_of is not None
+
+    def try_write(self, data: bytes) -> int:
+        """How many bytes of `data` went into the socket now, without blocking.
+
+        0 when a write is in progress (ours or trio-websocket's), the WebSocket is
+        closing, the socket is full or broken: the caller queues the rest for the
+        writer task, whose blocking write then waits or reports the error.
+        """
+        fd_of = self._fd_of
+        if fd_of is None or self._lock.locked() or self._ws.closed is not None:
+            return 0
+        fd = fd_of()
+        if fd < 0:  # closed: the number may already belong to another socket
+            return 0
+        try:
+            return os.write(fd, data)
+        except OSError:
+            return 0
+
+
+class WriteBatch:
+    """Event frames offered while the router works through a batch of its inbox.
+
+    A connection with nothing queued holds the event frames it is offered during the
+    batch and writes them with one system call when the batch ends (`release`): under
+    load, several events reach each subscriber per write instead of one. Outside a batch
+    (or for control frames, which first release what is held) frames go out at once.
+    """
+
+    __slots__ = ("active", "pending")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pending: list[Any] = []
+        """Connections holding frames, in the order they started to."""
+
+    def release(self) -> list[Any]:
+        """End the batch: every holding connection writes; returns those that could not
+        queue what the socket did not take (slow consumers)."""
+        self.active = False
+        pending, self.pending = self.pending, []
+        return [conn for conn in pending if not conn.release()]
 
 
 class WriteState:
