@@ -127,10 +127,16 @@ async def produce(run: Run, producer: KaldrixClient, stop: trio.Event) -> None:
     """Blocks and transactions at --rate events per second, in batches every 50 ms."""
     rate = run.args.rate
     height = 0
+    credit = 0.0
     next_at = trio.current_time()
     while not stop.is_set():
         next_at += 0.05
-        due = max(1, round(rate * 0.05))
+        credit += rate * 0.05
+        due = int(credit)
+        credit -= due
+        if not due:
+            await trio.sleep_until(next_at)
+            continue
         events = []
         for _ in range(due):
             height += 1

@@ -51,6 +51,24 @@ async def test_check_compatible_and_direct_writer_on_a_real_connection(gateway, 
     assert not DirectWriter(conn.ws, enabled=False).enabled
 
 
+async def test_direct_writes_stand_aside_for_a_write_in_progress_and_after_close(gateway, connect) -> None:
+    client = await connect()
+    await client.send("PING", {"t": 1})
+    await client.expect("PONG")
+    [conn] = list(gateway.connections)
+    writer = DirectWriter(conn.ws)
+    frame = text_frame(orjson.dumps({"type": "PING_ECHO", "payload": {}}))
+    async with conn.ws._stream_lock:  # what trio-websocket holds while it sends a pong or a close
+        assert writer.try_write(frame) == 0
+    assert writer.try_write(frame) == len(frame)
+    assert (await client.receive())["type"] == "PING_ECHO"
+    await client.ws.aclose()
+    with trio.fail_after(5):
+        while conn.ws.closed is None:
+            await trio.sleep(0.01)
+    assert writer.try_write(frame) == 0
+
+
 def test_text_frame_lengths() -> None:
     for size in (0, 125, 126, 65535, 65536, 70000):
         frame = text_frame(b"x" * size)

@@ -20,9 +20,9 @@ import trio
 from trio_websocket import wrap_server_stream
 
 from .. import __version__
+from ..alerts import run_alerts
 from ..broker import MemoryBroker
 from ..config import Config
-from ..alerts import run_alerts
 from ..metrics import Metrics
 from ..protocol import (
     Command,
