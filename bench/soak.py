@@ -1,12 +1,12 @@
 """Soak: many subscribers for a long time, with churn; memory over time, and any loss.
 
-    python bench/soak.py --clients 1000 --duration 600            # the full soak
+    python bench/soak.py --clients 1000 --duration 600 --rate 3   # the full soak
     python bench/soak.py --clients 200 --duration 120 --sample 10  # a short one
 
 Not part of CI. It starts ``python -m kaldrix serve`` (or uses ``--url``), a producer and
 `--clients` subscribers (kaldrix.client), each on `blocks` and one `address:` channel.
-The producer publishes blocks and transactions at `--rate` events per second. Every
-second a `--churn` fraction of the subscribers is disturbed: half of them drop their
+The producer publishes blocks and transactions at `--rate` events per second. After each
+second of quiet a `--churn` fraction of the subscribers is disturbed: half of them drop their
 connection and resume it (`reconnect()`: the client comes back with `since`), the other
 half close for good and are replaced by a new subscriber.
 
@@ -156,7 +156,7 @@ async def produce(run: Run, producer: KaldrixClient, stop: trio.Event) -> None:
 
 
 async def churn(run: Run, nursery: trio.Nursery, stop: trio.Event) -> None:
-    """Each second, disturb --churn of the subscribers: resume half, replace the rest."""
+    """After each second, disturb --churn of the subscribers: resume half, replace the rest."""
     while not stop.is_set():
         await trio.sleep(1.0)
         count = int(len(run.subscribers) * run.args.churn)

@@ -29,7 +29,7 @@ from ._dialect import DIALECTS
 from ._options import BenchOptions
 from ._publisher import Publisher
 from ._result import merge, summary, write_hgrm, write_plot
-from ._server import ServerProcess, process_cpu_seconds, process_rss_bytes
+from ._server import ServerProcess, process_cpu_seconds, process_rss_bytes, scraped_rss_bytes
 from ._worker import WorkerSpec, cpu_seconds, raise_open_files_limit, worker_main
 
 __all__ = ["run_bench"]
@@ -108,6 +108,7 @@ class _Run:
         self.publisher: Publisher | None = None
         self.server_label = ""
         self._affinity: set[int] | None = None
+        self.rss_final = 0
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -143,7 +144,7 @@ class _Run:
         if generator_cpus:
             self._affinity = os.sched_getaffinity(0)
             os.sched_setaffinity(0, generator_cpus)
-        self.rss_idle = self._server_rss()
+        self.rss_idle = await self._server_rss()
         count = options.workers or max(2, math.ceil(options.clients / CLIENTS_PER_WORKER))
         count = max(1, min(count, options.clients))
         context = multiprocessing.get_context("spawn")
@@ -179,7 +180,7 @@ class _Run:
             for reason, n in ready["failures"].items():
                 self.say(f"  {n} x {reason}")
         await trio.sleep(0.5)  # let the server settle before reading its memory
-        self.rss_connected = self._server_rss()
+        self.rss_connected = await self._server_rss()
         self.publisher = Publisher(self.host, self.port, DIALECTS[options.dialect](), options.channel, self.headers)
         await self.publisher.connect()
         nursery.start_soon(self.publisher.read_acks)
@@ -189,9 +190,14 @@ class _Run:
             return self.server.pid
         return self.options.server_pid
 
-    def _server_rss(self) -> int:
+    async def _server_rss(self) -> int:
+        """From /proc when the server's pid is known, else from its /metrics (kaldrix only)."""
         pid = self._server_pid()
-        return process_rss_bytes(pid) if pid else 0
+        if pid:
+            return process_rss_bytes(pid)
+        if self.options.dialect != "kaldrix":
+            return 0
+        return await scraped_rss_bytes(self.host, self.port, self.options.token)
 
     def _server_cpu(self) -> float | None:
         pid = self._server_pid()
@@ -303,7 +309,7 @@ class _Run:
         disconnected = sum(r["disconnected"] for r in replies)
         seconds = max(measured["publishedFor"], 1e-9)
         deliveries_per_second = measured["deliveries"] / seconds
-        rss = self._server_rss() or self.rss_connected
+        rss = self.rss_final or self.rss_connected
         per_connection = (self.rss_connected - self.rss_idle) / connected if connected and self.rss_idle else None
         generator_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         result: dict[str, Any] = {
@@ -414,6 +420,7 @@ async def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda l
             else:
                 measured = await run.measure(options.message_rate, options.duration, last=True)
                 latency = merge(r["latency"] for r in measured["replies"])
+            run.rss_final = await run._server_rss()
             result = run.result(measured, steps, latency)
             result["latencyHistogram"] = latency.encode().decode()  # HdrHistogram's base64 form, for merging and plots
             nursery.cancel_scope.cancel()

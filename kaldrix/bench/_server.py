@@ -47,6 +47,25 @@ def process_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+async def scraped_rss_bytes(host: str, port: int, token: str | None = None) -> int:
+    """A running kaldrix's RSS from its `/metrics` (process_resident_memory_bytes); 0 if unknown."""
+    headers = f"Authorization: Bearer {token}\r\n" if token else ""
+    try:
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode())
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+        return 0
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return int(float(line.split()[1]))
+    return 0
+
+
 class ServerProcess:
     """A `kaldrix serve` child process; use `start()` then `stop()`."""
 

@@ -15,7 +15,7 @@ _SERVER = {"host": "127.0.0.1:3000", "protocol": "ws", "description": "A gateway
 
 _OPERATIONS: dict[str, tuple[str, Kind, str]] = {
     "receiveCommands": ("receive", "command", "Commands a client sends; each is answered with a reply carrying its id as `ref`."),
-    "sendReplies": ("send", "reply", "WELCOME on connect, then the answers to commands (ACK, ERROR, PONG, METRICS_RESPONSE)."),
+    "sendReplies": ("send", "reply", "WELCOME on connect, then the answers to commands (ACK, ERROR, PONG, METRICS_RESPONSE), and HEARTBEAT on quiet channels."),
     "sendEvents": ("send", "event", "Chain events delivered on the channels a client subscribed to, in order per channel."),
 }
 
