@@ -17,14 +17,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import orjson
 import trio
 
 from ..client import ClientClosed, Gap, KaldrixClient, open_client
 from ..protocol import Envelope, channel_problem, converter
+from ._common import client_log_on_stderr
 
 DEFAULT_URL = "ws://127.0.0.1:3000/ws"
 
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if problem := channel_problem(name):
             print(f"kaldrix listen: {problem}", file=sys.stderr)
             return 2
-    with _client_log_on_stderr(logging.INFO if args.verbose else logging.WARNING):
+    with client_log_on_stderr("listen", logging.INFO if args.verbose else logging.WARNING):
         return trio.run(_listen, args)
 
 
@@ -106,18 +105,3 @@ async def _listen(args: argparse.Namespace) -> int:
     print(f"kaldrix listen: stopped: {error or 'connection closed'}", file=sys.stderr)
     return 1
 
-
-@contextmanager
-def _client_log_on_stderr(level: int) -> Iterator[None]:
-    """Show the client's connection reports on stderr while the command runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kaldrix listen: %(message)s"))
-    client_log = logging.getLogger("kaldrix.client")
-    previous = client_log.level
-    client_log.addHandler(handler)
-    client_log.setLevel(level)
-    try:
-        yield
-    finally:
-        client_log.removeHandler(handler)
-        client_log.setLevel(previous)

@@ -22,8 +22,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -31,6 +31,7 @@ import trio
 
 from ..client import ClientClosed, CommandError, open_client
 from ..protocol import channel_problem, converter
+from ._common import client_log_on_stderr
 
 DEFAULT_URL = "ws://127.0.0.1:3000/ws"
 CONNECT_ATTEMPTS = 3
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         given.append(event)
     status = 130
     try:
-        with _client_log_on_stderr(logging.WARNING):
+        with client_log_on_stderr("publish", logging.WARNING):
             status = trio.run(_publish, args, given)
     except* KeyboardInterrupt:
         print("kaldrix publish: interrupted", file=sys.stderr)
@@ -115,18 +116,3 @@ async def _from_stdin() -> AsyncIterator[tuple[str, dict[str, Any] | str]]:
         if line.strip():
             yield f"line {number}", parse_event(line)
 
-
-@contextmanager
-def _client_log_on_stderr(level: int) -> Iterator[None]:
-    """Show the client's connection reports on stderr while the command runs."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kaldrix publish: %(message)s"))
-    client_log = logging.getLogger("kaldrix.client")
-    previous = client_log.level
-    client_log.addHandler(handler)
-    client_log.setLevel(level)
-    try:
-        yield
-    finally:
-        client_log.removeHandler(handler)
-        client_log.setLevel(previous)
