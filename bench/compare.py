@@ -157,6 +157,7 @@ def figures(result: dict) -> dict:
     }
     if "maxCleanDeliveriesPerSecond" in result:
         out["max clean deliveries/s"] = result["maxCleanDeliveriesPerSecond"]
+        out["max clean, kept up"] = result.get("maxKeptUpDeliveriesPerSecond")
     return out
 
 
@@ -210,6 +211,7 @@ def main() -> int:
     for variant in variants[1:]:
         for key, higher_is_better in (
             ("max clean deliveries/s", True),
+            ("max clean, kept up", True),
             ("deliveries/s", True),
             ("p99 ms", False),
             ("server CPU us/delivery", False),

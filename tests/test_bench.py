@@ -117,3 +117,42 @@ def test_scenario_files_load(tmp_path: Path) -> None:
     bad.write_text("clients = 5\nspeed = 'fast'\n")
     with pytest.raises(ValueError, match="speed"):
         load_scenario(bad)
+
+
+def _measured(latency_s: float, deliveries: int, lost: int = 0) -> dict:
+    from kaldrix.metrics import LatencyRecorder
+
+    recorder = LatencyRecorder()
+    recorder.record(latency_s, deliveries)
+    reply = {
+        "latency": recorder.histogram().encode(),
+        "latencySumUs": recorder.sum_us,
+        "lost": lost,
+        "duplicates": 0,
+        "disconnected": 0,
+        "connected": 100,
+    }
+    return {
+        "rate": 10.0,
+        "replies": [reply],
+        "published": 50,
+        "publishedFor": 5.0,
+        "deliveries": deliveries,
+        "serverCpu": None,
+        "generatorCpu": 0.1,
+    }
+
+
+def test_stress_steps_are_judged_on_p99_losses_and_keeping_up() -> None:
+    from kaldrix.bench._harness import _step
+
+    step, _ = _step(_measured(0.010, 5000), clients=100, clean_p99_ms=50.0)
+    assert step["deliveriesPerSecond"] == 1000.0  # 10 events/s x 100 subscribers
+    assert step["acceptedEventsPerSecond"] == 10.0
+    assert step["clean"] and step["keptUp"]
+    saturated, _ = _step(_measured(0.010, 3000), clients=100, clean_p99_ms=50.0)
+    assert saturated["clean"] and not saturated["keptUp"]  # in time, but behind the publisher
+    slow, _ = _step(_measured(0.080, 5000), clients=100, clean_p99_ms=50.0)
+    assert not slow["clean"]
+    lossy, _ = _step(_measured(0.010, 5000, lost=1), clients=100, clean_p99_ms=50.0)
+    assert not lossy["clean"]

@@ -36,6 +36,8 @@ __all__ = ["run_bench"]
 
 CLIENTS_PER_WORKER = 2500
 SATURATED = 0.9
+KEPT_UP = 0.95
+"""A stress step kept up when it delivered at least this share of rate x subscribers."""
 """Generator CPU share (of the cores it has) above which its figures are suspect."""
 
 
@@ -356,6 +358,8 @@ class _Run:
             result["steps"] = steps
             clean = [s["deliveriesPerSecond"] for s in steps if s["clean"]]
             result["maxCleanDeliveriesPerSecond"] = max(clean) if clean else 0.0
+            kept = [s["deliveriesPerSecond"] for s in steps if s["clean"] and s["keptUp"]]
+            result["maxKeptUpDeliveriesPerSecond"] = max(kept) if kept else 0.0
         return result
 
 
@@ -364,8 +368,10 @@ def _step(measured: dict[str, Any], clients: int, clean_p99_ms: float) -> tuple[
     latency = merge(r["latency"] for r in replies)
     delivery = summary(latency, sum(r["latencySumUs"] for r in replies))
     seconds = max(measured["publishedFor"], 1e-9)
+    connected = sum(r["connected"] - r["disconnected"] for r in replies)
     step = {
         "messageRate": measured["rate"],
+        "acceptedEventsPerSecond": round(measured["published"] / seconds, 1),
         "deliveriesPerSecond": round(measured["deliveries"] / seconds, 1),
         "p50": delivery["p50"],
         "p99": delivery["p99"],
@@ -379,6 +385,9 @@ def _step(measured: dict[str, Any], clients: int, clean_p99_ms: float) -> tuple[
     step["clean"] = (
         delivery["count"] > 0 and delivery["p99"] < clean_p99_ms and step["lost"] == 0 and step["disconnected"] == 0
     )
+    # Clean, and the server took every event it was offered: past this point it is saturated
+    # and the publisher (at most one second of events unacknowledged) waits for it.
+    step["keptUp"] = step["deliveriesPerSecond"] >= KEPT_UP * measured["rate"] * connected
     return step, latency
 
 

@@ -150,13 +150,19 @@ def format_text(result: Mapping[str, Any]) -> str:
         f"- Connections: {c['active']}",
     ]
     if result.get("steps"):
-        lines += ["", "Stress Test (rate sweep):", "  msg/s   deliveries/s     p50 ms     p99 ms   lost  clean"]
+        lines += [
+            "",
+            "Stress Test (rate sweep):",
+            "  msg/s  accepted/s   deliveries/s     p50 ms     p99 ms   lost  clean  kept up",
+        ]
         for step in result["steps"]:
             lines.append(
-                f"  {step['messageRate']:>6g} {step['deliveriesPerSecond']:>14.0f} {step['p50']:>10.2f} {step['p99']:>10.2f}"
-                f" {step['lost']:>6} {'yes' if step['clean'] else 'no':>6}"
+                f"  {step['messageRate']:>5g} {step['acceptedEventsPerSecond']:>11.1f} {step['deliveriesPerSecond']:>14.0f}"
+                f" {step['p50']:>10.2f} {step['p99']:>10.2f} {step['lost']:>6} {'yes' if step['clean'] else 'no':>6}"
+                f" {'yes' if step['keptUp'] else 'no':>8}"
             )
         lines.append(f"- Max clean fan-out: {result['maxCleanDeliveriesPerSecond']:.0f} deliveries/s")
+        lines.append(f"- Max clean fan-out keeping up with the publisher: {result['maxKeptUpDeliveriesPerSecond']:.0f} deliveries/s")
     lines += ["", f"Verdict: {result['verdict']}"]
     return "\n".join(lines) + "\n"
 
