@@ -42,7 +42,6 @@ log = logging.getLogger("kaldrix.server")
 
 ROUTER_INBOX_SIZE = 4096
 WEBSOCKET_PATHS = ("/", "/ws")
-SAMPLING_INTERVAL = 5.0
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, int]:
