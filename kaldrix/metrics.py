@@ -141,32 +141,7 @@ class LatencyRecorder:
 
     def summary(self) -> dict[str, Any]:
         """avg, min, max, p50 .. p999 in milliseconds (3 decimals) and the count."""
-        histogram = self.histogram()
-        count = histogram.total_count
-        if not count:
-            return {
-                "avg": 0.0,
-                "min": 0.0,
-                "max": 0.0,
-                "p50": 0.0,
-                "p90": 0.0,
-                "p95": 0.0,
-                "p99": 0.0,
-                "p999": 0.0,
-                "count": 0,
-            }
-        values = histogram.get_percentile_to_value_dict(list(_PERCENTILES))
-        return {
-            "avg": _ms(self.sum_us / count),
-            "min": _ms(histogram.get_min_value()),
-            "max": _ms(histogram.get_max_value()),
-            "p50": _ms(values[50.0]),
-            "p90": _ms(values[90.0]),
-            "p95": _ms(values[95.0]),
-            "p99": _ms(values[99.0]),
-            "p999": _ms(values[99.9]),
-            "count": count,
-        }
+        return summarize(self.histogram(), self.sum_us)
 
     def reset(self) -> None:
         self._live = _new_histogram()
@@ -448,3 +423,25 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} minutes"
     return f"{seconds / 3600:.1f} hours"
+
+
+def summarize(histogram: HdrHistogram, sum_us: float) -> dict[str, Any]:
+    """A latency histogram as avg, min, max, p50 .. p999 in milliseconds and the count.
+
+    `sum_us` gives an exact average; the histogram gives the rest within its precision.
+    """
+    count = histogram.total_count
+    if not count:
+        return dict.fromkeys(("avg", "min", "max", "p50", "p90", "p95", "p99", "p999"), 0.0) | {"count": 0}
+    values = histogram.get_percentile_to_value_dict(list(_PERCENTILES))
+    return {
+        "avg": _ms(sum_us / count),
+        "min": _ms(histogram.get_min_value()),
+        "max": _ms(histogram.get_max_value()),
+        "p50": _ms(values[50.0]),
+        "p90": _ms(values[90.0]),
+        "p95": _ms(values[95.0]),
+        "p99": _ms(values[99.0]),
+        "p999": _ms(values[99.9]),
+        "count": count,
+    }

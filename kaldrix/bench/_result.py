@@ -16,11 +16,10 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from ..metrics import HIGHEST_US, LOWEST_US, SIGNIFICANT_DIGITS
+from ..metrics import HIGHEST_US, LOWEST_US, SIGNIFICANT_DIGITS, summarize
 
 __all__ = ["format_text", "merge", "summary", "write_hgrm", "write_plot"]
 
-_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
 def merge(encoded: Iterable[bytes]) -> HdrHistogram:
@@ -30,27 +29,10 @@ def merge(encoded: Iterable[bytes]) -> HdrHistogram:
     return merged
 
 
-def _ms(us: float) -> float:
-    return round(us / 1000.0, 3)
-
 
 def summary(histogram: HdrHistogram, sum_us: int) -> dict[str, Any]:
     """avg/min/max/p50/p90/p95/p99/p99.9 in milliseconds and the count."""
-    count = histogram.total_count
-    if not count:
-        return dict.fromkeys(("avg", "min", "max", "p50", "p90", "p95", "p99", "p999"), 0.0) | {"count": 0}
-    values = histogram.get_percentile_to_value_dict(list(_PERCENTILES))
-    return {
-        "avg": _ms(sum_us / count),
-        "min": _ms(histogram.get_min_value()),
-        "max": _ms(histogram.get_max_value()),
-        "p50": _ms(values[50.0]),
-        "p90": _ms(values[90.0]),
-        "p95": _ms(values[95.0]),
-        "p99": _ms(values[99.0]),
-        "p999": _ms(values[99.9]),
-        "count": count,
-    }
+    return summarize(histogram, sum_us)
 
 
 def hgrm_text(histogram: HdrHistogram) -> str:
