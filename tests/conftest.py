@@ -15,6 +15,8 @@ import pytest
 import trio
 from hypothesis import settings
 from trio_websocket import WebSocketConnection, connect_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from kaldrix.config import Config, load_config
 from kaldrix.server import Gateway
@@ -166,3 +168,17 @@ def tx_event(tx_id: str, sender: str, receiver: str, amount: str = "1000") -> di
     }
 
 
+async def raw_websocket(port: int) -> tuple[trio.SocketStream, WSConnection]:
+    """A WebSocket handshake by hand: the peer then does only what the test makes it do
+    (it answers no ping on its own)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/ws")))
+    with trio.fail_after(5):
+        while not any(isinstance(event, AcceptConnection) for event in ws.events()):
+            ws.receive_data(await stream.receive_some(65536))
+    return stream, ws
+
+
+async def send_text(stream: trio.SocketStream, ws: WSConnection, message: dict[str, Any]) -> None:
+    await stream.send_all(ws.send(TextMessage(orjson.dumps(message).decode())))

@@ -9,12 +9,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, connect_websocket_url
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.events import TextMessage
 
 from kaldrix.server import Gateway
 
-from .conftest import WireClient, block_event, make_config
+from .conftest import WireClient, block_event, make_config, raw_websocket
 
 
 async def _still_serves(client, subscriber, producer, height: int) -> None:
@@ -133,19 +132,9 @@ async def test_errors_do_not_close_the_connection(connect):
     await _still_serves(client, subscriber, producer, 1)
 
 
-async def _raw_handshake(port: int) -> tuple[trio.SocketStream, WSConnection]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/ws")))
-    with trio.fail_after(5):
-        while not any(isinstance(event, AcceptConnection) for event in ws.events()):
-            ws.receive_data(await stream.receive_some(65536))
-    return stream, ws
-
-
 async def test_slow_consumer_is_closed_with_4008_and_others_get_everything(start_gateway, nursery):
     gateway = await start_gateway(outbox_size=16)
-    stream, ws = await _raw_handshake(gateway.port)
+    stream, ws = await raw_websocket(gateway.port)
     subscribe = {"type": "SUBSCRIBE", "id": "s", "payload": {"channels": ["blocks"]}}
     await stream.send_all(ws.send(TextMessage(orjson.dumps(subscribe).decode())))
     honest = WireClient(await connect_websocket_url(nursery, gateway.url))

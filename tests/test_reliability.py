@@ -17,12 +17,12 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, connect_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
+from wsproto.events import CloseConnection, Ping, Request
 
 from kaldrix.server import Gateway
 from kaldrix.server._heartbeat import ChannelClock
 
-from .conftest import WireClient, block_event
+from .conftest import WireClient, block_event, raw_websocket, send_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,20 +44,6 @@ async def open_wire(nursery: trio.Nursery, gateway: Gateway) -> WireClient:
     return client
 
 
-async def raw_websocket(port: int) -> tuple[trio.SocketStream, WSConnection]:
-    """A WebSocket handshake by hand: the peer then does only what the test makes it do
-    (it answers no ping on its own)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/ws")))
-    with trio.fail_after(5):
-        while not any(isinstance(event, AcceptConnection) for event in ws.events()):
-            ws.receive_data(await stream.receive_some(65536))
-    return stream, ws
-
-
-async def send_text(stream: trio.SocketStream, ws: WSConnection, message: dict[str, Any]) -> None:
-    await stream.send_all(ws.send(TextMessage(orjson.dumps(message).decode())))
 
 
 async def until_closed(ws: Any, timeout: float = 10.0) -> tuple[list[dict[str, Any]], int | None]:
