@@ -45,3 +45,5 @@ def configure_logging(config: Config) -> None:
     kaldrix_logger.setLevel(level)
     if config.log_level == "verbose":
         logging.getLogger("trio-websocket").setLevel(logging.DEBUG)
+    # The Redis broker reports outages itself, once, in its own words.
+    logging.getLogger("coredis").setLevel(logging.CRITICAL)

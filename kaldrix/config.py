@@ -37,6 +37,15 @@ class Config:
     history_ttl: float = 300.0
     dedup_window: float = 120.0
     outbox_size: int = 4096
+    # the broker: where channels' offsets, epochs, history and dedup ids live
+    broker: str = "memory"
+    """``memory`` (this process alone) or ``redis://[:password@]host:port/db`` (many nodes share channels)."""
+    redis_prefix: str = "kx"
+    """Prefix of every Redis key and Pub/Sub name, so several deployments can share one Redis."""
+    broker_timeout: float = 2.0
+    """Seconds a broker request may take before it fails (and the broker counts as down)."""
+    broker_meta_ttl: float = 30 * 24 * 3600.0
+    """Seconds a quiet channel keeps its offset and epoch in Redis (then it starts over; 0: forever)."""
     max_message_size: int = 1 << 20
     max_channels_per_connection: int = 256
     max_batch_size: int = 500
@@ -212,6 +221,10 @@ def _check(config: Config) -> None:
     from .security import check_settings  # here: kaldrix.security imports this module
 
     check_settings(config)
+    if config.broker != "memory" and not config.broker.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"broker: expected memory or a redis://host:port/db URL, got {config.broker!r}")
+    if not config.broker_timeout > 0 or config.broker_meta_ttl < 0:
+        raise ConfigError("broker_timeout: expected a positive number; broker_meta_ttl: expected >= 0")
     if not 0 <= config.port <= 65535:
         raise ConfigError("port: expected 0-65535")
     # metrics and alerts

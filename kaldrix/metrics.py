@@ -183,6 +183,7 @@ class Metrics:
         "_last_counters",
         "_last_time",
         "_samples",
+        "broker_latency",
         "connect_time",
         "connections_active",
         "connections_failed",
@@ -205,6 +206,8 @@ class Metrics:
         """Publish accepted -> frames handed to every subscriber's outbox."""
         self.connect_time = LatencyRecorder()
         """TCP accept -> WELCOME sent."""
+        self.broker_latency = LatencyRecorder()
+        """A shared broker's requests (publish, position, history): sent -> answered."""
         self.messages_in = 0
         self.messages_out = 0
         self.bytes_in = 0
@@ -237,6 +240,10 @@ class Metrics:
     def record_fanout(self, seconds: float) -> None:
         self.fanout_time.record(seconds)
 
+    def record_broker(self, operation: str, seconds: float) -> None:
+        """A shared broker answered (or failed) a request after `seconds`."""
+        self.broker_latency.record(seconds)
+
     def record_connect(self, seconds: float) -> None:
         self.connect_time.record(seconds)
 
@@ -266,6 +273,7 @@ class Metrics:
         self.delivery_latency.reset()
         self.fanout_time.reset()
         self.connect_time.reset()
+        self.broker_latency.reset()
 
     # -- sampling --------------------------------------------------------------------
 
@@ -287,6 +295,7 @@ class Metrics:
         interval = self.delivery_latency.fold()
         self.fanout_time.fold()
         self.connect_time.fold()
+        self.broker_latency.fold()
         p50 = p99 = None
         if interval.total_count:
             values = interval.get_percentile_to_value_dict([50.0, 99.0])
@@ -324,6 +333,8 @@ class Metrics:
         if kind in ("all", "latency"):
             out["eventDelivery"] = self.delivery_latency.summary()
             out["fanout"] = self.fanout_time.summary()
+            if self.broker_latency.count:
+                out["broker"] = self.broker_latency.summary()
         if kind in ("all", "connections"):
             out["connectionSetup"] = setup = self.connect_time.summary()
             out["connections"] = {

@@ -45,10 +45,20 @@ _COUNTERS = (
     ("connections_failed", "kaldrix_connections_failed", "Connection attempts that never reached WELCOME."),
 )
 
+_BROKER_COUNTERS = (
+    ("publishErrors", "kaldrix_broker_publish_errors", "Events a shared broker could not take (publish failed)."),
+    ("reconnects", "kaldrix_broker_reconnects", "Attempts to reconnect to a shared broker."),
+    ("resyncs", "kaldrix_broker_resyncs", "Times live delivery came back and channels were checked for missed events."),
+    ("gapsFilled", "kaldrix_broker_gaps_filled", "Missed live publications fetched from the broker's history."),
+    ("gapsLost", "kaldrix_broker_gaps_lost", "Missed live publications the broker no longer had (subscribers were told)."),
+    ("subscribeErrors", "kaldrix_broker_subscribe_errors", "SUBSCRIBEs refused with UNAVAILABLE because the broker did not answer."),
+)
+
 _LATENCIES = (
     ("delivery_latency", "kaldrix_delivery_latency_seconds", "Event accepted to its frame written to the subscriber's socket."),
     ("fanout_time", "kaldrix_fanout_duration_seconds", "Publish accepted to frames handed to every subscriber."),
     ("connect_time", "kaldrix_connect_duration_seconds", "TCP accept to WELCOME sent."),
+    ("broker_latency", "kaldrix_broker_request_duration_seconds", "A shared broker's requests (publish, position, history), sent to answered."),
 )
 
 
@@ -94,8 +104,13 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "kaldrix_subscribed_channels", "Channels with at least one subscriber.", value=gateway.router.channel_count
         )
-        broker = gateway.broker.statistics()
-        yield GaugeMetricFamily("kaldrix_stored_events", "Events kept in history for recovery.", value=broker["storedEvents"])
+        broker = gateway.broker_statistics()
+        if "storedEvents" in broker:
+            yield GaugeMetricFamily("kaldrix_stored_events", "Events kept in history for recovery.", value=broker["storedEvents"])
+        yield GaugeMetricFamily("kaldrix_broker_ready", "1 when the broker answers (always, for memory).", value=int(broker["ready"]))
+        for key, name, documentation in _BROKER_COUNTERS:
+            if key in broker:
+                yield CounterMetricFamily(name, documentation, value=broker[key])
         yield GaugeMetricFamily("kaldrix_uptime_seconds", "Seconds since the server started.", value=metrics.uptime())
 
 

@@ -36,6 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-anonymous-publish", action="store_const", const=True, help="let clients without a token PUBLISH (development)"
     )
+    parser.add_argument(
+        "--broker", metavar="URL", help="memory (default: this node alone) or redis://host:port/db (nodes share channels)"
+    )
+    parser.add_argument("--redis-prefix", metavar="PREFIX", help="prefix of every Redis key (default kx)")
     parser.add_argument("--history-size", type=int, help="events kept per channel for recovery (default 1000)")
     parser.add_argument("--history-ttl", type=float, help="seconds an event stays recoverable (default 300)")
     parser.add_argument("--outbox-size", type=int, help="frames queued per client before it is a slow consumer (default 4096)")
@@ -74,7 +78,7 @@ def _security_flags(group: argparse._ArgumentGroup) -> None:
 
 _FLAGS = (
     "host", "port", "simulate", "sim_rate", "sim_seed", "log_level", "log_file", "log_format",
-    "jwt_secret", "jwt_public_key", "require_auth", "allow_anonymous_publish", "history_size",
+    "jwt_secret", "jwt_public_key", "require_auth", "allow_anonymous_publish", "broker", "redis_prefix", "history_size",
     "history_ttl", "outbox_size", "ping_interval", "ping_timeout",
     "outbox_max_bytes", "channel_heartbeat", "drain_close_code", "shutdown_timeout",
     "trusted_proxies", "blocked_addresses", "allowed_origins", "allow_missing_origin", "handshake_rate_limit",

@@ -33,6 +33,7 @@ from ..protocol import (
     CloseCode,
     CommandType,
     Envelope,
+    ErrorCode,
     ErrorPayload,
     Heartbeat,
     ProtocolError,
@@ -459,6 +460,13 @@ class KaldrixClient:
             except ConnectionLost:
                 return
             except CommandError as exc:
+                if exc.error.code == ErrorCode.UNAVAILABLE:
+                    # The node cannot reach its broker: another attempt (or node) will.
+                    session.refusal = f"the server cannot resubscribe now: {exc}"
+                    log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await session.ws.aclose(CloseCode.GOING_AWAY, "broker unavailable")
+                    return
                 match = _CHANNEL_PATH.match(exc.error.path or "")
                 if match is None or int(match[1]) >= len(channels):
                     session.fatal = f"the server refused to resubscribe: {exc}"

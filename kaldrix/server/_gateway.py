@@ -3,6 +3,7 @@ the simulator and the metrics sampler.
 
     Gateway.run ── root nursery
      ├─ router task (owns subscriptions)          ◀── inbox ── connections, simulator
+     ├─ broker link (with a shared broker: Redis; kaldrix.server._broker_link)
      ├─ listener (trio.serve_tcp) → per connection: HTTP answer, or WebSocket nursery
      ├─ simulator (optional)
      └─ metrics sampler
@@ -14,7 +15,7 @@ import functools
 import logging
 import time
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import trio
 from trio_websocket import wrap_server_stream
@@ -22,6 +23,7 @@ from trio_websocket import wrap_server_stream
 from .. import __version__
 from ..alerts import run_alerts
 from ..broker import MemoryBroker
+from ..broker._base import Broker
 from ..config import Config
 from ..metrics import Metrics
 from ..protocol import (
@@ -33,6 +35,7 @@ from ..protocol import (
 )
 from ..security import AuthError, Guard, Principal, TokenVerifier
 from . import _admission, _drain, _ops
+from ._broker_link import BrokerLink
 from ._connection import Connection
 from ._heartbeat import run_channel_timers, sweep_interval
 from ._http import BadRequest, ReplayStream, RequestHead, Response, read_head, respond
@@ -52,6 +55,30 @@ def _peer(stream: trio.SocketStream) -> tuple[str, int]:
     return host, port
 
 
+def _redis_engine(config: Config) -> Broker:
+    from ..broker._redis import RedisEngine  # imported only when used: coredis is slow to import
+
+    return RedisEngine(
+        config.broker,
+        prefix=config.redis_prefix,
+        history_size=config.history_size,
+        history_ttl=config.history_ttl,
+        dedup_window=config.dedup_window,
+        meta_ttl=config.broker_meta_ttl,
+        command_timeout=config.broker_timeout,
+    )
+
+
+def _redacted(url: str) -> str:
+    """A broker URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -61,19 +88,33 @@ class Gateway:
 
     Args:
         config: every setting (see kaldrix.config.Config).
-        broker: where offsets and history live; a new MemoryBroker when None. Passing
-            the broker of a previous gateway restarts a node without losing history.
+        broker: with ``config.broker == "memory"``, where offsets and history live; a new
+            MemoryBroker when None. Passing the broker of a previous gateway restarts a
+            node without losing history.
+        engine: a shared broker engine (kaldrix.broker); by default the Redis engine
+            when ``config.broker`` is a redis:// URL, none for memory.
     """
 
-    def __init__(self, config: Config, *, broker: MemoryBroker | None = None) -> None:
+    def __init__(self, config: Config, *, broker: MemoryBroker | None = None, engine: Broker | None = None) -> None:
         self.config = config
         self.metrics = Metrics(max_samples=config.max_samples, record_latency=config.record_latency)
-        self.broker = broker or MemoryBroker(
-            history_size=config.history_size,
-            history_ttl=config.history_ttl,
-            dedup_window=config.dedup_window,
-        )
+        if engine is None and config.broker != "memory":
+            engine = _redis_engine(config)
+        self.engine = engine
+        self.broker: MemoryBroker | None = None
+        self.link: BrokerLink | None = None
+        if engine is None:
+            self.broker = broker or MemoryBroker(
+                history_size=config.history_size,
+                history_ttl=config.history_ttl,
+                dedup_window=config.dedup_window,
+            )
         self.router = Router(self.broker, self.metrics, max_channels_per_connection=config.max_channels_per_connection)
+        if engine is not None:
+            engine.on_latency = self.metrics.record_broker
+            self.link = self.router.link = BrokerLink(
+                self.router, engine, self.metrics, timeout=config.broker_timeout, join_limit=config.outbox_size
+            )
         self.verifier = TokenVerifier.from_config(config)
         self.guard = Guard.from_config(config)
         self.router_inbox, self._router_inbox_reader = trio.open_memory_channel[RouterRequest](ROUTER_INBOX_SIZE)
@@ -103,6 +144,10 @@ class Gateway:
         async with trio.open_nursery() as root:
             self._root_scope = root.cancel_scope
             await root.start(self.router.run, self._router_inbox_reader)
+            if self.link is not None:
+                await root.start(self.link.run)
+                if not self.link.ready:
+                    log.warning("the broker at %s is not reachable yet; not ready until it is", _redacted(self.config.broker))
             listeners = await root.start(self._listen, root)
             self.port = listeners[0].socket.getsockname()[1]
             if self.config.simulate:
@@ -164,9 +209,21 @@ class Gateway:
             snapshot["router"] = {
                 "subscribedChannels": self.router.channel_count,
                 "subscriptions": self.router.subscriber_count(),
-                **self.broker.statistics(),
+                **self.broker_statistics(),
             }
         return snapshot
+
+    def broker_statistics(self) -> dict[str, Any]:
+        """The broker's counts: the memory broker's, or the shared engine's and the link's."""
+        if self.link is not None:
+            return self.link.statistics()
+        assert self.broker is not None
+        return {"engine": "memory", "ready": True, **self.broker.statistics()}
+
+    @property
+    def broker_ready(self) -> bool:
+        """Whether publishing and live delivery work now (the memory broker always does)."""
+        return self.link is None or self.link.ready
 
     async def _sample_metrics(self) -> None:
         while True:

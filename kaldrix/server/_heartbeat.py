@@ -80,7 +80,9 @@ def heartbeat_frames(router: Router, channels: list[str]) -> int:
     """Offer one HEARTBEAT frame per channel to its subscribers; returns the deliveries."""
     delivered = 0
     for name in channels:
-        position = router.broker.position(name)
+        position = router.position(name)
+        if position is None:
+            continue
         frame = reply_frame(ReplyType.HEARTBEAT, Heartbeat(channel=name, offset=position.offset, epoch=position.epoch))
         delivered += router.broadcast(name, frame)
     return delivered
@@ -113,7 +115,7 @@ async def run_channel_timers(
         if heartbeat > 0:
             heartbeat_frames(router, channels.take_due(now, heartbeat))
         if now >= next_sweep:
-            router.broker.sweep()
+            router.sweep()
             next_sweep = now + sweep_every
         wake = next_sweep
         if heartbeat > 0:

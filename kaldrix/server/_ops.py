@@ -31,6 +31,8 @@ def readyz(gateway: Gateway, head: RequestHead) -> Response:
     """Readiness: a load balancer should send new clients here."""
     if gateway.draining:
         return Response.json(503, {"ready": False, "reason": "draining"})
+    if not gateway.broker_ready:
+        return Response.json(503, {"ready": False, "reason": "broker unavailable"}, headers=(("Retry-After", "1"),))
     return Response.json(200, {"ready": True})
 
 

@@ -9,18 +9,21 @@ Each event is encoded once per channel, never once per subscriber.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import orjson
 import trio
 
+if TYPE_CHECKING:
+    from ._broker_link import BrokerLink
+
 from ..broker import MemoryBroker, Position
 from ..protocol import (
-    PROTOCOL_VERSION,
     Ack,
     ChannelPosition,
     CloseCode,
@@ -38,9 +41,9 @@ from ..protocol import (
     new_id,
     now_timestamp,
 )
-from ._frames import error_frame, reply_frame
+from ._frames import error_frame, event_frame, reply_frame
 from ._heartbeat import ChannelClock
-from ._wire import WriteBatch, text_frame
+from ._wire import WriteBatch
 
 log = logging.getLogger("kaldrix.router")
 
@@ -84,20 +87,7 @@ def _event_bytes(event_type: str, payload: bytes, event_id: str, timestamp: str,
     """The frame builder the broker calls once it has given the event its offset."""
 
     def build(offset: int, epoch: str) -> bytes:
-        return text_frame(
-            orjson.dumps(
-                {
-                    "type": event_type,
-                    "payload": orjson.Fragment(payload),
-                    "timestamp": timestamp,
-                    "id": event_id,
-                    "version": PROTOCOL_VERSION,
-                    "channel": channel,
-                    "offset": offset,
-                    "epoch": epoch,
-                }
-            )
-        )
+        return event_frame(event_type, payload, event_id, timestamp, channel, offset, epoch)
 
     return build
 
@@ -106,13 +96,16 @@ class Router:
     """Subscriptions, offsets and fan-out for one gateway process.
 
     Args:
-        broker: holds offsets, epochs, history and the dedup window.
+        broker: holds offsets, epochs, history and the dedup window, in this process.
+            None when a shared broker does, through `link` (set before `run`).
         metrics: counters and histograms (a kaldrix.metrics.Metrics), or None.
         max_channels_per_connection: SUBSCRIBE beyond it gets LIMIT_EXCEEDED.
     """
 
-    def __init__(self, broker: MemoryBroker, metrics: Any = None, *, max_channels_per_connection: int = 256) -> None:
+    def __init__(self, broker: MemoryBroker | None, metrics: Any = None, *, max_channels_per_connection: int = 256) -> None:
         self.broker = broker
+        self.link: BrokerLink | None = None
+        """The shared broker's side: publishing and subscribing wait for it there."""
         self.metrics = metrics
         self.max_channels_per_connection = max_channels_per_connection
         self._subscribers: dict[str, set[Subscriber]] = {}
@@ -134,12 +127,14 @@ class Router:
         assert command is not None
         try:
             payload = command.payload
-            if isinstance(payload, Subscribe):
+            if self.link is not None:
+                self._handle_linked(request, payload)
+            elif isinstance(payload, Subscribe):
                 assert origin is not None
                 self._subscribe(origin, command.id, payload)
             elif isinstance(payload, Unsubscribe):
                 assert origin is not None
-                self._unsubscribe(origin, command.id, payload)
+                self.unsubscribe_now(origin, command.id, payload)
             elif isinstance(payload, Publish):
                 result = self.publish(payload, ref=command.id)
                 if request.on_result is not None:
@@ -152,9 +147,25 @@ class Router:
             log.exception("router failed on %s", command.type)
             error = ProtocolError(ErrorCode.INTERNAL, "internal error", ref=command.id)
             if origin is not None:
-                self._send(origin, error_frame(error))
+                self.send(origin, error_frame(error))
             if request.on_result is not None:
                 request.on_result(error)
+
+    def _handle_linked(self, request: RouterRequest, payload: Any) -> None:
+        """With a shared broker: the link does what needs a round trip, then comes back."""
+        assert self.link is not None and request.command is not None
+        origin = request.origin
+        ref = request.command.id
+        if isinstance(payload, (Subscribe, Unsubscribe)):
+            assert origin is not None
+            self.link.membership(origin, ref, payload)
+        elif isinstance(payload, Publish):
+            answer = request.on_result
+            if answer is None and origin is not None:
+                answer = functools.partial(self._answer, origin)
+            self.link.publish(payload, ref, answer)
+        else:
+            raise TypeError(f"router got {type(payload).__name__}")
 
     async def run(self, inbox: trio.MemoryReceiveChannel[RouterRequest], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the inbox until it is closed or the task is cancelled."""
@@ -176,12 +187,13 @@ class Router:
                     self.handle(request)
             finally:
                 for conn in batch.release():
-                    self._drop_slow(conn)
+                    self.drop_slow(conn)
 
     # -- subscriptions -------------------------------------------------------------
 
-    def _subscribe(self, conn: Subscriber, ref: str | None, payload: Subscribe) -> None:
-        wanted = list(dict.fromkeys(payload.channels))
+    def admit_channels(self, conn: Subscriber, ref: str | None, channels: list[str]) -> list[str] | None:
+        """The channels of a SUBSCRIBE without repeats; None (and ERROR sent) beyond the limit."""
+        wanted = list(dict.fromkeys(channels))
         if len(conn.channels | set(wanted)) > self.max_channels_per_connection:
             error = ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED,
@@ -189,7 +201,14 @@ class Router:
                 path="payload.channels",
                 ref=ref,
             )
-            self._send(conn, error_frame(error))
+            self.send(conn, error_frame(error))
+            return None
+        return wanted
+
+    def _subscribe(self, conn: Subscriber, ref: str | None, payload: Subscribe) -> None:
+        assert self.broker is not None
+        wanted = self.admit_channels(conn, ref, payload.channels)
+        if wanted is None:
             return
         positions: dict[str, ChannelPosition] = {}
         replays: list[bytes] = []
@@ -204,34 +223,69 @@ class Router:
                 frames = replay or []
             positions[name] = ChannelPosition(current.offset, current.epoch, recovered, len(frames))
             replays.extend(frames)
-            if name not in self._subscribers:
-                self.heartbeats.touch(name, time.monotonic())
-            self._subscribers.setdefault(name, set()).add(conn)
-            conn.channels.add(name)
+            self.add_member(conn, name)
+        self.acknowledge_subscribe(conn, Ack(ref=ref, channels=positions), replays)
+
+    def acknowledge_subscribe(self, conn: Subscriber, ack: Ack, replays: list[bytes]) -> None:
+        """The ACK of a SUBSCRIBE, then its replay, ahead of any live event after them."""
         if self.metrics is not None:
             self.metrics.replayed += len(replays)
-        if self._send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref, channels=positions))) and replays:
+        if self.send(conn, reply_frame(ReplyType.ACK, ack)) and replays:
             if not conn.offer_replay(replays):
-                self._drop_slow(conn)
+                self.drop_slow(conn)
 
-    def _unsubscribe(self, conn: Subscriber, ref: str | None, payload: Unsubscribe) -> None:
+    def add_member(self, conn: Subscriber, name: str) -> None:
+        """`conn` receives `name`'s live events from now on."""
+        members = self._subscribers.get(name)
+        if members is None:
+            members = self._subscribers[name] = set()
+            self.heartbeats.touch(name, time.monotonic())
+        members.add(conn)
+        conn.channels.add(name)
+
+    def remove_member(self, conn: Subscriber, name: str) -> bool:
+        """Stop live events of `name` to `conn` (its channel set is left alone); True if it had them."""
+        members = self._subscribers.get(name)
+        if members is None or conn not in members:
+            return False
+        members.discard(conn)
+        if not members:
+            del self._subscribers[name]
+            self.heartbeats.forget(name)
+        return True
+
+    def unsubscribe_now(self, conn: Subscriber, ref: str | None, payload: Unsubscribe) -> None:
         for name in payload.channels:
             self._leave(conn, name)
-        self._send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref)))
+        self.send(conn, reply_frame(ReplyType.ACK, Ack(ref=ref)))
+
 
     def _leave(self, conn: Subscriber, name: str) -> None:
         conn.channels.discard(name)
-        members = self._subscribers.get(name)
-        if members is not None:
-            members.discard(conn)
-            if not members:
-                del self._subscribers[name]
-                self.heartbeats.forget(name)
+        self.remove_member(conn, name)
+        if self.link is not None:
+            self.link.leave(conn, name)
 
     def detach(self, conn: Subscriber) -> None:
         """Forget a connection entirely (it closed)."""
+        if self.link is not None:
+            self.link.forget(conn)
         for name in list(conn.channels):
             self._leave(conn, name)
+
+    def position(self, channel: str) -> Position | None:
+        """Where `channel` stands for this node's subscribers (None: not known here)."""
+        if self.link is not None:
+            return self.link.position(channel)
+        assert self.broker is not None
+        return self.broker.position(channel)
+
+    def sweep(self) -> None:
+        """Drop what is past its age bound (history, dedup ids, channels no one follows)."""
+        if self.broker is not None:
+            self.broker.sweep()
+        if self.link is not None:
+            self.link.sweep(time.monotonic())
 
     def subscriber_count(self, channel: str | None = None) -> int:
         """Subscriptions on one channel, or in total: for metrics and leak checks."""
@@ -256,6 +310,7 @@ class Router:
         return Ack(ref=ref, results=results)
 
     def _publish_one(self, event: PublishedEvent, channel: str | None) -> PublishResult:
+        assert self.broker is not None
         event_id = event.id or new_id()
         if event.id is not None:
             known = self.broker.recall(event_id)
@@ -273,7 +328,7 @@ class Router:
             build = _event_bytes(event.type.value, payload_json, event_id, timestamp, name)
             offset, frame = self.broker.append(name, build, accepted_at)
             offsets[name] = offset
-            delivered += self._fan_out(name, frame, accepted_at)
+            delivered += self.fan_out(name, frame, accepted_at)
         self.broker.remember(event_id, offsets)
         if self.metrics is not None:
             self.metrics.events_published += 1
@@ -281,7 +336,8 @@ class Router:
             self.metrics.deliveries += delivered
         return PublishResult(id=event_id, offsets=offsets)
 
-    def _fan_out(self, channel: str, frame: bytes, accepted_at: float) -> int:
+    def fan_out(self, channel: str, frame: bytes, accepted_at: float) -> int:
+        """Offer an event frame to every subscriber of `channel`; returns how many took it."""
         members = self._subscribers.get(channel)
         if not members:
             return 0
@@ -289,30 +345,34 @@ class Router:
         slow = [conn for conn in members if not conn.offer(frame, accepted_at)]
         delivered = len(members) - len(slow)
         for conn in slow:
-            self._drop_slow(conn)
+            self.drop_slow(conn)
         return delivered
 
     def broadcast(self, channel: str, frame: bytes) -> int:
         """Offer a control frame (a HEARTBEAT) to every subscriber of `channel`; never waits."""
-        return self._fan_out(channel, frame, 0.0)
+        return self.fan_out(channel, frame, 0.0)
 
     # -- sending --------------------------------------------------------------
 
-    def _send(self, conn: Subscriber, frame: bytes) -> bool:
+    def send(self, conn: Subscriber, frame: bytes) -> bool:
+        """Offer a frame to one connection; False (and it is dropped) when it cannot take it."""
         if conn.offer(frame, 0.0):
             return True
-        self._drop_slow(conn)
+        self.drop_slow(conn)
         return False
+
 
     def _answer(self, conn: Subscriber, result: Ack | ProtocolError) -> None:
         if isinstance(result, ProtocolError):
-            self._send(conn, error_frame(result))
+            self.send(conn, error_frame(result))
         else:
-            self._send(conn, reply_frame(ReplyType.ACK, result))
+            self.send(conn, reply_frame(ReplyType.ACK, result))
 
-    def _drop_slow(self, conn: Subscriber) -> None:
+    def drop_slow(self, conn: Subscriber) -> None:
+        """Close a connection that cannot keep up (4008); it recovers on reconnect."""
         self.detach(conn)
         if conn.kick(CloseCode.SLOW_CONSUMER, "slow consumer: outbox full"):
             log.warning("slow consumer %s: outbox full, closing with 4008", conn.session_id)
             if self.metrics is not None:
                 self.metrics.slow_consumer_closes += 1
+
