@@ -81,6 +81,8 @@ class KaldrixClient:
     def __init__(self, options: ClientOptions, channels: Iterable[str] = ()) -> None:
         self.options = options
         self.state = ClientState()
+        self._urls = (options.url, *options.fallback_urls)
+        self._url_index = 0
         self._channels: dict[str, None] = {}
         for name in channels:
             self._check_channel(name)
@@ -261,6 +263,11 @@ class KaldrixClient:
         finally:
             self._finish()
 
+    @property
+    def url(self) -> str:
+        """The node this client connects (or reconnects) to now."""
+        return self._urls[self._url_index]
+
     def _finish(self) -> None:
         self._done = True
         self.state.is_connected = False
@@ -279,13 +286,15 @@ class KaldrixClient:
             give_up = self._give_up_reason(outcome)
             if give_up:
                 state.connection_error = f"{outcome.error}; {give_up}"
-                log.error("%s: %s", options.url, state.connection_error)
+                log.error("%s: %s", self.url, state.connection_error)
                 self._done = True
                 self._notify()
                 return
             delay = backoff_delay(state.reconnect_attempts, options.reconnect_interval, options.max_reconnect_delay, options.rng)
             state.reconnect_attempts += 1
-            log.warning("%s: %s; reconnecting in %.2fs (attempt %d)", options.url, outcome.error, delay, state.reconnect_attempts)
+            failed_url = self.url
+            self._url_index = (self._url_index + 1) % len(self._urls)
+            log.warning("%s: %s; reconnecting to %s in %.2fs (attempt %d)", failed_url, outcome.error, self.url, delay, state.reconnect_attempts)
             await trio.sleep(delay)
 
     def _give_up_reason(self, outcome: _Outcome) -> str | None:
@@ -313,7 +322,7 @@ class KaldrixClient:
                     with trio.fail_after(self.options.connect_timeout):
                         ws = await connect_websocket_url(
                             socket_nursery,
-                            self.options.url,
+                            self.url,
                             extra_headers=headers,
                             max_message_size=self.options.max_message_size,
                         )
@@ -345,7 +354,7 @@ class KaldrixClient:
         self.state.is_connected = True
         self.state.session_id = session.session_id
         self._notify()
-        log.info("%s: connected, session %s", self.options.url, session.session_id)
+        log.info("%s: connected, session %s", self.url, session.session_id)
         reason: CloseReason | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -381,7 +390,7 @@ class KaldrixClient:
                 return exc.reason
             message = decode_message(data)
             if isinstance(message, ProtocolError):
-                log.warning("%s: ignoring a message this client cannot read: %s", self.options.url, message)
+                log.warning("%s: ignoring a message this client cannot read: %s", self.url, message)
                 continue
             if message.channel is not None:
                 await self._admit(session, message)
@@ -395,7 +404,7 @@ class KaldrixClient:
                 continue
             if isinstance(message.payload, ErrorPayload):
                 session.refusal = f"{message.payload.code}: {message.payload.message}"
-                log.warning("%s: server error: %s", self.options.url, session.refusal)
+                log.warning("%s: server error: %s", self.url, session.refusal)
             if message.type != ReplyType.WELCOME:
                 await self._hand_off(session, message)
 
@@ -422,7 +431,7 @@ class KaldrixClient:
         position = (heartbeat.offset, heartbeat.epoch)
         if session.freshness.heartbeat(name, position, last, trio.current_time()):
             log.warning("%s: HEARTBEAT on %s is at %s@%s but the last event seen is %s@%s: resubscribing",
-                        self.options.url, name, *position, *(last or ("-", "-")))
+                        self.url, name, *position, *(last or ("-", "-")))
             session.resync_wanted.set()
 
     async def _emit(self, session: Session, item: Any) -> None:
@@ -431,7 +440,7 @@ class KaldrixClient:
             log.log(
                 logging.INFO if self._dispatcher.has_gap_handlers else logging.WARNING,
                 "%s: gap on %s: saw %s@%s, continuing after %s@%s (%s)",
-                self.options.url, item.channel, item.last_offset, item.epoch, item.new_offset, item.new_epoch, item.reason,
+                self.url, item.channel, item.last_offset, item.epoch, item.new_offset, item.new_epoch, item.reason,
             )
         await self._hand_off(session, item)
 
@@ -463,14 +472,14 @@ class KaldrixClient:
                 if exc.error.code == ErrorCode.UNAVAILABLE:
                     # The node cannot reach its broker: another attempt (or node) will.
                     session.refusal = f"the server cannot resubscribe now: {exc}"
-                    log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
+                    log.warning("%s: %s: reconnecting", self.url, session.refusal)
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await session.ws.aclose(CloseCode.GOING_AWAY, "broker unavailable")
                     return
                 match = _CHANNEL_PATH.match(exc.error.path or "")
                 if match is None or int(match[1]) >= len(channels):
                     session.fatal = f"the server refused to resubscribe: {exc}"
-                    log.error("%s: %s", self.options.url, session.fatal)
+                    log.error("%s: %s", self.url, session.fatal)
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await session.ws.aclose()
                     return
@@ -478,7 +487,7 @@ class KaldrixClient:
                 self._channels.pop(refused, None)
                 self._positions.forget(refused)
                 self.state.connection_error = f"cannot join {refused}: {exc}"
-                log.error("%s: %s", self.options.url, self.state.connection_error)
+                log.error("%s: %s", self.url, self.state.connection_error)
         session.ready.set()
         self.state.reconnect_attempts = 0
         self._notify()
@@ -513,7 +522,7 @@ class KaldrixClient:
                     return
             if scope.cancelled_caught:
                 session.refusal = f"no PONG within {self.options.ping_timeout}s"
-                log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
+                log.warning("%s: %s: reconnecting", self.url, session.refusal)
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await session.ws.aclose(CloseCode.GOING_AWAY, "ping timeout")
                 return
@@ -534,17 +543,17 @@ class KaldrixClient:
             if not channels:
                 continue
             self.state.resyncs += len(channels)
-            log.warning("%s: resubscribing %s from the last offsets seen", self.options.url, ", ".join(channels))
+            log.warning("%s: resubscribing %s from the last offsets seen", self.url, ", ".join(channels))
             with trio.move_on_after(patience) as waited:
                 try:
                     await self._subscribe_on(session, channels)
                 except ConnectionLost:
                     return
                 except CommandError as exc:
-                    log.error("%s: resubscribing %s refused: %s", self.options.url, ", ".join(channels), exc)
+                    log.error("%s: resubscribing %s refused: %s", self.url, ", ".join(channels), exc)
             if waited.cancelled_caught:
                 session.refusal = f"no answer to resubscribing {', '.join(channels)} within {patience}s"
-                log.warning("%s: %s: reconnecting", self.options.url, session.refusal)
+                log.warning("%s: %s: reconnecting", self.url, session.refusal)
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await session.ws.aclose(CloseCode.GOING_AWAY, "stalled subscription")
                 return

@@ -25,6 +25,9 @@ class ClientOptions:
     """
 
     url: str
+    fallback_urls: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Other nodes of the same deployment (sharing a broker). After a connection ends or an
+    attempt fails, the next attempt goes to the next URL of `url, *fallback_urls`, round robin."""
     token: TokenSource = None
     auto_reconnect: bool = True
     reconnect_interval: float = attrs.field(default=1.0, validator=_positive)
