@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -48,12 +49,13 @@ class Counter:
         self.count, self.target, self.reached = 0, count, trio.Event()
         return self.reached
 
-    def on_publication(self, publication: Publication) -> None:
-        self.count += 1
-        if self.count == self.target:
-            self.reached.set()
-        if self.measure:
-            self.delays.append(time.time() - publication.event.accepted_at)
+    def on_publications(self, publications: Sequence[Publication]) -> None:
+        for publication in publications:
+            self.count += 1
+            if self.count == self.target:
+                self.reached.set()
+            if self.measure:
+                self.delays.append(time.time() - publication.event.accepted_at)
 
     def on_resync(self) -> None:
         pass

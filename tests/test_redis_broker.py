@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ class Recorder:
         self.publications: list[Publication] = []
         self.resyncs = 0
 
-    def on_publication(self, publication: Publication) -> None:
-        self.publications.append(publication)
+    def on_publications(self, publications: Sequence[Publication]) -> None:
+        self.publications.extend(publications)
 
     def on_resync(self) -> None:
         self.resyncs += 1

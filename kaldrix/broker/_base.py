@@ -7,7 +7,7 @@ engine does it inside one process; the Redis engine lets many nodes share one st
 per channel.
 
 Both engines deliver through one path: the node registers a `BrokerHandler` with
-`Broker.run`, and every live publication reaches `handler.on_publication`, whichever
+`Broker.run`, and every live publication reaches `handler.on_publications`, whichever
 engine and whichever node published it.
 """
 
@@ -85,8 +85,9 @@ class BrokerHandler(Protocol):
     stream of every channel passes through them.
     """
 
-    def on_publication(self, publication: Publication) -> None:
-        """A live publication of a subscribed channel; per channel in offset order."""
+    def on_publications(self, publications: Sequence[Publication]) -> None:
+        """Live publications of one subscribed channel, in offset order, as they arrived
+        together (one publish batch): the node may write them to each client at once."""
 
     def on_resync(self) -> None:
         """Live delivery (re)started after an interruption.

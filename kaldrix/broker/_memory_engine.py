@@ -104,7 +104,7 @@ class MemoryEngine:
         if handler is None:
             return
         for publication in publications:
-            handler.on_publication(publication)
+            handler.on_publications([publication])
         self.counters.delivered += len(publications)
 
     def _observe(self, operation: str, seconds: float) -> None:

@@ -245,11 +245,10 @@ class RedisEngine:
         except RecordError:
             log.warning("dropped a malformed live message on %s", channel, exc_info=True)
             return
-        for publication in publications:
-            try:
-                handler.on_publication(publication)
-            except Exception:
-                log.exception("the broker handler failed on %s offset %d", channel, publication.offset)
+        try:
+            handler.on_publications(publications)
+        except Exception:
+            log.exception("the broker handler failed on %s offsets %d-%d", channel, publications[0].offset, publications[-1].offset)
         self.counters.delivered += len(publications)
 
     # -- publishing and reading ------------------------------------------------------

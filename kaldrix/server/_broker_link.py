@@ -8,7 +8,7 @@ tasks and hands results back to the router, which stays a plain class that never
 
     Gateway nursery
      └─ BrokerLink.run ── link nursery
-         ├─ engine.run (live publications → on_publication, reconnects → on_resync)
+         ├─ engine.run (live publications → on_publications, reconnects → on_resync)
          ├─ publisher: batches of PUBLISH → engine.publish_many → ACK or ERROR UNAVAILABLE
          └─ short tasks: a channel's first subscription, a SUBSCRIBE's history, catch-ups
 
@@ -28,10 +28,11 @@ in the order it sent them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -276,15 +277,30 @@ class BrokerLink:
             self._drain_early(feed)
             return
 
-    def on_publication(self, publication: Publication) -> None:
-        """The engine's live delivery: per channel, in the order the broker numbered them."""
-        feed = self.feeds.get(publication.channel)
+    def on_publications(self, publications: Sequence[Publication]) -> None:
+        """The engine's live delivery: one channel's publications in the order the broker
+        numbered them. Several (one publish batch) reach each client in one write."""
+        feed = self.feeds.get(publications[0].channel)
         if feed is None:
             return
-        if feed.epoch is None or feed.fetching:
-            self._hold(feed, publication)
-            return
-        self._take(feed, publication)
+        with self._one_write_each(len(publications) > 1):
+            for publication in publications:
+                if feed.epoch is None or feed.fetching:
+                    self._hold(feed, publication)
+                else:
+                    self._take(feed, publication)
+
+    @contextlib.contextmanager
+    def _one_write_each(self, several: bool) -> Iterator[None]:
+        """Hold the event frames delivered inside, and write each client's at once at the end."""
+        batch = self.router.write_batch
+        batch.active = several
+        try:
+            yield
+        finally:
+            if batch.active:
+                for conn in batch.release():
+                    self.router.drop_slow(conn)
 
     def _hold(self, feed: Feed, publication: Publication) -> None:
         if len(feed.early) >= EARLY_LIMIT:
@@ -387,9 +403,10 @@ class BrokerLink:
                 self._jump(feed, current)
                 return
         self.counters["gapsFilled"] += 1
-        for publication in missed:
-            if publication.epoch == feed.epoch and publication.offset == feed.offset + 1:
-                self._deliver(feed, publication)
+        with self._one_write_each(len(missed) > 1):
+            for publication in missed:
+                if publication.epoch == feed.epoch and publication.offset == feed.offset + 1:
+                    self._deliver(feed, publication)
 
     def _jump(self, feed: Feed, position: Position) -> None:
         """Continue at `position`, and tell the subscribers now with a HEARTBEAT: their
