@@ -46,6 +46,11 @@ class Config:
     """Seconds a broker request may take before it fails (and the broker counts as down)."""
     broker_meta_ttl: float = 30 * 24 * 3600.0
     """Seconds a quiet channel keeps its offset and epoch in Redis (then it starts over; 0: forever)."""
+    broker_keepalive: float = 5.0
+    """Seconds the live link to Redis may stay silent before it is checked (a hung Redis is
+    noticed within this plus broker_timeout)."""
+    broker_reconnect_max: float = 5.0
+    """Longest wait between reconnect attempts to Redis (exponential backoff with jitter)."""
     max_message_size: int = 1 << 20
     max_channels_per_connection: int = 256
     max_batch_size: int = 500
@@ -223,8 +228,10 @@ def _check(config: Config) -> None:
     check_settings(config)
     if config.broker != "memory" and not config.broker.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"broker: expected memory or a redis://host:port/db URL, got {config.broker!r}")
-    if not config.broker_timeout > 0 or config.broker_meta_ttl < 0:
-        raise ConfigError("broker_timeout: expected a positive number; broker_meta_ttl: expected >= 0")
+    if not (config.broker_timeout > 0 and config.broker_keepalive > 0 and config.broker_reconnect_max > 0):
+        raise ConfigError("broker_timeout, broker_keepalive, broker_reconnect_max: expected positive numbers of seconds")
+    if config.broker_meta_ttl < 0:
+        raise ConfigError("broker_meta_ttl: expected a number of seconds >= 0 (0: forever)")
     if not 0 <= config.port <= 65535:
         raise ConfigError("port: expected 0-65535")
     # metrics and alerts

@@ -54,6 +54,15 @@ async def start_gateway(nursery: trio.Nursery) -> StartGateway:
     return start
 
 
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real redis-server for the test module (tests keep apart with key prefixes)."""
+    from .redis_support import running_redis
+
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
 @pytest.fixture
 async def gateway(start_gateway: StartGateway) -> Gateway:
     return await start_gateway()

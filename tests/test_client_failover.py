@@ -4,24 +4,14 @@ it moves to the next URL and resumes from its last offsets, with no gap and no r
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
-from typing import Any
 
-import pytest
 import trio
 
 from kaldrix.client import open_client
 from kaldrix.server import Gateway
 
 from .conftest import block_event, make_config
-from .redis_support import running_redis
 from .test_client import FAST, Recorder, quiet
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 async def start_nodes(nursery: trio.Nursery, redis_url: str, count: int) -> list[Gateway]:
@@ -41,7 +31,7 @@ def test_fallback_urls_are_a_tuple() -> None:
     assert options.fallback_urls == ("ws://b/ws",)
 
 
-async def test_client_moves_to_another_node_and_recovers_without_a_gap(redis_server, nursery, tmp_path: Path) -> None:
+async def test_client_moves_to_another_node_and_recovers_without_a_gap(redis_server, nursery) -> None:
     node_a, node_b = await start_nodes(nursery, redis_server.url, 2)
     total = 60
     gaps = Recorder()

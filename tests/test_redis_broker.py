@@ -76,12 +76,6 @@ def event(event_id: str | None = None, *, height: int | None = None, event_type:
 StartNode = Callable[..., Awaitable[Node]]
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Any:
     with running_redis(tmp_path) as server:

@@ -9,6 +9,10 @@ checked against a model of what it must have received: exactly the events publis
 its channels after it joined, in offset order, each once; after a recovery, exactly what
 it missed; every HEARTBEAT at the offset of the last event before it.
 
+The same machine runs on two nodes sharing a Redis in tests/test_state_machine_redis.py:
+clients connect to the nodes in turn (so a reconnect may land on the other node), a restart
+restarts one node, and the model is unchanged, since the nodes share one stream per channel.
+
 The gateway runs in a trio loop of its own thread and the rules drive it through
 `trio.from_thread`, so hypothesis runs a real RuleBasedStateMachine (steps, shrinking,
 the failing sequence printed as code) while the server runs undisturbed between steps.
@@ -70,9 +74,16 @@ STAMP = "2025-08-07T10:00:00Z"
 
 
 class LiveGateway:
-    """A gateway in a trio loop of its own thread; `call` runs a coroutine there."""
+    """Gateways in a trio loop of its own thread; `call` runs a coroutine there.
 
-    def __init__(self) -> None:
+    One gateway by default; with a shared broker (``broker=redis://...`` in `overrides`)
+    several nodes that serve the same channels.
+    """
+
+    def __init__(self, nodes: int = 1, **overrides: Any) -> None:
+        self.config = {**SERVER_CONFIG, **overrides}
+        self.nodes = nodes
+        self.gateways: list[Gateway] = []
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._main, daemon=True)
@@ -91,7 +102,8 @@ class LiveGateway:
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            self.gateway = await nursery.start(Gateway(make_config(**SERVER_CONFIG)).run)
+            for _ in range(self.nodes):
+                self.gateways.append(await nursery.start(Gateway(make_config(**self.config)).run))
             self._ready.set()
 
     def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -101,12 +113,22 @@ class LiveGateway:
 
         return trio.from_thread.run(bounded, trio_token=self._token)
 
-    async def restart(self) -> None:
-        """Stop the gateway with 1012 and start a new one on the same port and broker."""
-        old = self.gateway
+    async def restart(self, node: int) -> None:
+        """Stop a gateway with 1012 and start a new one on the same port and broker."""
+        old = self.gateways[node]
         await old.shutdown(1012, "server restarting")
-        config = make_config(**SERVER_CONFIG, port=old.port)
-        self.gateway = await self.nursery.start(Gateway(config, broker=old.broker).run)
+        config = make_config(**self.config, port=old.port)
+        self.gateways[node] = await self.nursery.start(Gateway(config, broker=old.broker).run)
+
+    async def settle(self, offsets: dict[str, int]) -> None:
+        """Wait until every node that follows these channels delivered them up to `offsets`:
+        through a shared broker, the other nodes get an event a moment after the ACK."""
+        while any(
+            (position := gateway.router.position(name)) is not None and position.offset < offset
+            for gateway in self.gateways
+            for name, offset in offsets.items()
+        ):
+            await trio.sleep(0.001)
 
     def close(self) -> None:
         try:
@@ -125,6 +147,8 @@ class Client:
 
     name: int
     wire: WireClient | None = None
+    node: int = 0
+    """The gateway its connection is on."""
     subscribed: set[str] = attrs.Factory(set)
     last: dict[str, int] = attrs.Factory(dict)
     """The last offset the client processed per channel (kept across disconnects)."""
@@ -188,9 +212,13 @@ def _make(kind: str) -> tuple[dict[str, Any], str | None]:
 
 
 class GatewayMachine(RuleBasedStateMachine):
+    """The model: one stream per channel, whichever node a client is on (connections go
+    to the nodes in turn)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.live = LiveGateway()
+        self.live = self.start_gateways()
+        self.opened = itertools.count()
         self.log: dict[str, list[str]] = {}
         """Per channel, the ids of the events published on it; offset = index + 1."""
         self.published: dict[str, dict[str, int]] = {}
@@ -204,13 +232,16 @@ class GatewayMachine(RuleBasedStateMachine):
             # close_timeout for each connection when it stops.
             for client in self.connected:
                 await client.wire.ws._stream.aclose()
-            while self.live.gateway.connections:
+            while any(gateway.connections for gateway in self.live.gateways):
                 await trio.sleep(0.001)
 
         try:
             self.call(drop_clients)
         finally:
             self.live.close()
+
+    def start_gateways(self) -> LiveGateway:
+        return LiveGateway()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -228,8 +259,12 @@ class GatewayMachine(RuleBasedStateMachine):
     def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
         return self.live.call(function, *args)
 
-    async def _open(self) -> WireClient:
-        wire = WireClient(await connect_websocket_url(self.live.nursery, self.live.gateway.url))
+    def _open(self, client: Client) -> None:
+        client.node = next(self.opened) % len(self.live.gateways)
+        client.wire = self.call(self._handshake, self.live.gateways[client.node].url)
+
+    async def _handshake(self, url: str) -> WireClient:
+        wire = WireClient(await connect_websocket_url(self.live.nursery, url))
         await wire.expect("WELCOME")
         return wire
 
@@ -315,7 +350,7 @@ class GatewayMachine(RuleBasedStateMachine):
     @rule(channels=st.lists(st.sampled_from(CHANNELS), max_size=3, unique=True))
     def connect(self, channels: list[str]) -> None:
         client = Client(name=len(self.clients))
-        client.wire = self.call(self._open)
+        self._open(client)
         self.clients.append(client)
         if channels:
             self._subscribe(client, channels, None)
@@ -376,6 +411,8 @@ class GatewayMachine(RuleBasedStateMachine):
             assert result == {"id": event["id"], "offsets": expected, "duplicate": False}
             self.published[event["id"]] = expected
             self._deliver(expected)
+            if len(self.live.gateways) > 1:
+                self.call(self.live.settle, expected)
 
     @precondition(lambda self: len(self.connected) >= 2 and any(client.subscribed for client in self.connected))
     @rule(pick=st.integers(0, 99), how=st.sampled_from(["close", "drop", "mid-frame"]), count=st.integers(1, 3))
@@ -444,7 +481,7 @@ class GatewayMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 99))
     def reconnect(self, pick: int) -> None:
         client = self.away[pick % len(self.away)]
-        client.wire = self.call(self._open)
+        self._open(client)
         channels = sorted(client.subscribed)
         client.subscribed = set()
         if not channels:
@@ -455,14 +492,15 @@ class GatewayMachine(RuleBasedStateMachine):
             assert client.pending.get(name, []) == list(range(client.last[name] + 1, self.offset(name) + 1))
 
     @precondition(lambda self: self.clients and self.restarts < MAX_RESTARTS)
-    @rule()
-    def restart_server(self) -> None:
+    @rule(pick=st.integers(0, 99))
+    def restart_server(self, pick: int) -> None:
         self.restarts += 1
-        connected = self.connected
+        node = pick % len(self.live.gateways)
+        connected = [client for client in self.connected if client.node == node]
 
         async def restart() -> list[int | None]:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.live.restart)
+                nursery.start_soon(self.live.restart, node)
                 codes = [await self._closed_with(client.wire) for client in connected]
             return codes
 

@@ -149,7 +149,10 @@ class RedisEngine:
             sessions = self._sessions
             try:
                 await self._session(handler, announce)
-            except Exception as exc:
+            except BaseException as raised:
+                exc = _failure_in(raised)
+                if exc is None:
+                    raise  # a cancellation, nothing else
                 if self._sessions > sessions:
                     attempt = 0  # it was up: start the backoff over
                 if not is_outage(exc):
@@ -330,6 +333,26 @@ class RedisEngine:
             "queued": self._pipeliner.queued,
             **self.counters.as_dict(),
         }
+
+
+def _failure_in(raised: BaseException) -> Exception | None:
+    """The failure a session ended with, or None when it was only cancelled.
+
+    When a connection drops, coredis' own tasks can end in a group that holds the
+    connection error beside the Cancelled of its internal scopes. Those Cancelled are not
+    ours to pass on: trio's cancellation is level-triggered, so if an outer scope really
+    was cancelled, the next checkpoint (the backoff sleep) raises it again.
+    """
+    if isinstance(raised, BaseExceptionGroup):
+        _, rest = raised.split(trio.Cancelled)
+        if rest is None:
+            return None
+        if isinstance(rest, Exception):  # a group of Exceptions only is an ExceptionGroup
+            return rest
+        raise raised
+    if isinstance(raised, Exception):
+        return raised
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -100,6 +100,18 @@ class Feed:
     fetching: bool = False
     recheck: bool = False
     idle_since: float | None = None
+    moved: trio.Event | None = None
+    """Set (and dropped) when the position changes; created only while someone waits."""
+
+    def advanced(self) -> None:
+        if self.moved is not None:
+            self.moved.set()
+            self.moved = None
+
+    async def wait_moved(self) -> None:
+        if self.moved is None:
+            self.moved = trio.Event()
+        await self.moved.wait()
 
     @property
     def position(self) -> Position:
@@ -240,9 +252,14 @@ class BrokerLink:
     # -- feeds -----------------------------------------------------------------------------
 
     def position(self, channel: str) -> Position | None:
-        """Where this node's delivery of `channel` stands (for HEARTBEAT), if it follows it."""
+        """Where this node's delivery of `channel` stands (for HEARTBEAT), if it follows it.
+
+        None while the broker is unreachable: the node cannot vouch that the channel is
+        quiet, and a client whose channels go silent moves on (its watchdog resubscribes,
+        gets UNAVAILABLE and reconnects, to another node if it knows one).
+        """
         feed = self.feeds.get(channel)
-        if feed is None or feed.epoch is None:
+        if feed is None or feed.epoch is None or not self.engine.ready:
             return None
         return feed.position
 
@@ -330,6 +347,7 @@ class BrokerLink:
     def _deliver(self, feed: Feed, publication: Publication) -> None:
         frame = publication_frame(publication)
         feed.epoch, feed.offset = publication.epoch, publication.offset
+        feed.advanced()
         # Latency counts from the publishing node's acceptance (wall clocks of the nodes).
         waited = max(0.0, time.time() - publication.event.accepted_at)
         delivered = self.router.fan_out(feed.name, frame, time.monotonic() - waited)
@@ -412,6 +430,7 @@ class BrokerLink:
         """Continue at `position`, and tell the subscribers now with a HEARTBEAT: their
         last offset does not match it, so they recover or learn of the gap."""
         feed.epoch, feed.offset = position.epoch, position.offset
+        feed.advanced()
         frame = reply_frame(ReplyType.HEARTBEAT, Heartbeat(channel=feed.name, offset=position.offset, epoch=position.epoch))
         self.router.broadcast(feed.name, frame)
 
@@ -465,8 +484,8 @@ class BrokerLink:
             if feed is None or feed.epoch is None or feed.fetching:
                 return False
             wanted = since.get(name)
-            if wanted is not None and wanted.epoch == feed.epoch and wanted.offset < feed.offset:
-                return False
+            if wanted is not None and (wanted.epoch != feed.epoch or wanted.offset != feed.offset):
+                return False  # history to fetch, or a client ahead of this node
         wanted_names = self.router.admit_channels(conn, ref, payload.channels)
         if wanted_names is None:
             return True
@@ -508,7 +527,11 @@ class BrokerLink:
                 for name in names:
                     feed = self.feeds[name]
                     wanted = since.get(name)
-                    if wanted is not None and wanted.epoch == feed.epoch and wanted.offset < feed.offset:
+                    if wanted is None:
+                        continue
+                    if wanted.epoch != feed.epoch or wanted.offset > feed.offset:
+                        await self._reach(feed, Position(wanted.offset, wanted.epoch))
+                    if wanted.epoch == feed.epoch and wanted.offset < feed.offset:
                         histories[name] = await self.engine.history(name, Position(wanted.offset, wanted.epoch))
         except (BrokerError, trio.TooSlowError) as exc:
             if not queued.gone:
@@ -516,6 +539,17 @@ class BrokerLink:
             return
         if not queued.gone:
             self._complete(conn, ref, names, since, histories)
+
+    async def _reach(self, feed: Feed, wanted: Position) -> None:
+        """A client knows a position this node has not delivered yet: when the broker's
+        stream did reach it, wait until this node catches up (its live stream lags, or it
+        has not seen a new epoch yet), so the client is not told of a gap it does not have."""
+        current = await self.engine.position(feed.name)
+        if current.epoch != wanted.epoch or current.offset < wanted.offset:
+            return  # the stream never reached it (or its epoch is gone): a real gap
+        self._catch_up(feed)
+        while feed.epoch != wanted.epoch or feed.offset < wanted.offset:
+            await feed.wait_moved()
 
     def _abandon(self, conn: Subscriber, ref: str | None, names: list[str], held: list[str], exc: BaseException) -> None:
         """The broker did not answer: the SUBSCRIBE takes no effect. Channels the

@@ -66,6 +66,9 @@ def _redis_engine(config: Config) -> Broker:
         dedup_window=config.dedup_window,
         meta_ttl=config.broker_meta_ttl,
         command_timeout=config.broker_timeout,
+        keepalive=config.broker_keepalive,
+        reconnect_base=min(0.1, config.broker_reconnect_max),
+        reconnect_max=config.broker_reconnect_max,
     )
 
 
