@@ -1,15 +1,24 @@
-"""One client connection: a reader, a writer and a liveness watcher in their own nursery.
+"""One client connection: a reader, and a writer and pings only while they have work.
 
-The reader turns frames into commands (answering PING, AUTH, REQUEST_METRICS and every
-refusal itself) and forwards SUBSCRIBE/UNSUBSCRIBE/PUBLISH to the router's inbox. The
-writer drains the bounded outbox, joining whatever is queued into one socket write.
-Closing the connection is cancelling its nursery; cleanup happens in `finally`.
+The reader (the connection's own task) turns frames into commands (answering PING, AUTH,
+REQUEST_METRICS and every refusal itself) and forwards SUBSCRIBE/UNSUBSCRIBE/PUBLISH to
+the router's inbox. Most frames go straight into the socket (kaldrix.server._wire); the
+writer task exists only while frames are queued behind a full socket, and drains the
+bounded outbox, joining whatever is queued into one socket write. When to ping and when
+to give up on authentication are the gateway's timers' business (kaldrix.server._timers),
+which start a short ping task when one is due. Closing the connection is cancelling its
+nursery; cleanup happens in `finally`.
+
+Idle connections are what there are most of, so an idle one holds as little as it can:
+two tasks (this one and trio-websocket's reader), no outbox until a backlog, __slots__.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -38,6 +47,7 @@ from . import _admin, _admission
 from ._drain import flush_deadline
 from ._frames import error_frame, reply_frame
 from ._router import RouterRequest
+from ._timers import ConnectionTimers
 from ._wire import DirectWriter, WriteState, abort, check_compatible, send_frames
 
 if TYPE_CHECKING:
@@ -48,9 +58,45 @@ log = logging.getLogger("kaldrix.connection")
 WRITE_BATCH_BYTES = 256 * 1024
 """Queued frames are joined into one socket write up to about this many bytes."""
 
+Queued = tuple[bytes | list[bytes], float]
+"""An outbox item: a frame (or a replay's frames) and when its event was accepted (0: not an event)."""
+
 
 class Connection:
     """The server side of one WebSocket client."""
+
+    __slots__ = (
+        "_auth_at",
+        "_auth_error",
+        "_batch",
+        "_closed",
+        "_direct",
+        "_direct_ok",
+        "_ending",
+        "_flush",
+        "_flush_deadline",
+        "_held",
+        "_inbox",
+        "_nursery",
+        "_outbox",
+        "_ping_at",
+        "_queued_bytes",
+        "_replay_bytes",
+        "_timers",
+        "_write_state",
+        "_writing",
+        "channels",
+        "close_code",
+        "close_reason",
+        "config",
+        "gateway",
+        "message_rate",
+        "metrics",
+        "principal",
+        "remote",
+        "session_id",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -70,14 +116,32 @@ class Connection:
         self.principal = principal
         self.channels: set[str] = set()
         self._auth_error = auth_error
-        self._outbox, self._outbox_reader = trio.open_memory_channel[tuple[bytes | list[bytes], float]](self.config.outbox_size)
+        self._outbox: deque[Queued] | None = None
+        """Frames for the writer task, at most outbox_size; created with the first backlog."""
+        self._closed = False
+        """Set once the connection ends: nothing more is queued."""
+        self._writing = False
+        """Whether the writer task runs (it does exactly while the outbox has items)."""
         self._queued_bytes = 0
         """Bytes offered and not yet written: bounded by outbox_max_bytes, like the count by outbox_size."""
         self._replay_bytes = 0
         """The part of _queued_bytes that is a recovery replay, which the limit leaves out."""
         self._inbox = gateway.router_inbox
-        self._scope = trio.CancelScope()
-        self._auth_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        """The connection's nursery while it runs: this task reads, and a ping in flight
+        and the writer are its children. Cancelling it is closing the connection."""
+        self._ending = False
+        """Set when the connection is told to close or its peer left."""
+        self._flush: trio.CancelScope | None = None
+        """The running writer's shield: a close cancels the reader and a ping at once, while
+        what is queued (the ERROR that explains a 4001 or a 1009) is still written."""
+        self._flush_deadline = math.inf
+        """Until when the writer may flush, once the connection ends (close_timeout)."""
+        self._timers: ConnectionTimers = gateway.timers
+        self._ping_at: float | None = None
+        """When the next ping is due (trio clock); None while one is in flight."""
+        self._auth_at: float | None = None
+        """When the auth timeout or the token's expiry falls due (trio clock), if ever."""
         self._write_state = WriteState()
         self._direct = DirectWriter(ws, enabled=self.config.direct_writes)
         self._direct_ok = self._direct.enabled
@@ -166,13 +230,24 @@ class Connection:
         live = self._queued_bytes - self._replay_bytes
         if live and live + size > self.config.outbox_max_bytes:
             return False  # an empty outbox takes any frame, so a large event cannot wedge a client
-        try:
-            self._outbox.send_nowait((frame, accepted_at))
-        except trio.WouldBlock:
-            return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        if not self._queue((frame, accepted_at)):
             return False
         self._queued_bytes += size
+        return True
+
+    def _queue(self, item: Queued) -> bool:
+        """Append to the outbox (within outbox_size) and make sure the writer runs."""
+        if self._closed:
+            return False
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        elif len(outbox) >= self.config.outbox_size:
+            return False
+        outbox.append(item)
+        if not self._writing and self._nursery is not None:
+            self._writing = True
+            self._nursery.start_soon(self._write)
         return True
 
     def offer_replay(self, frames: list[bytes]) -> bool:
@@ -187,9 +262,7 @@ class Connection:
             return False
         if self._held and not self.release():  # events held before it go first
             return False
-        try:
-            self._outbox.send_nowait((frames, 0.0))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        if not self._queue((frames, 0.0)):
             return False
         size = sum(map(len, frames))
         self._queued_bytes += size
@@ -199,12 +272,18 @@ class Connection:
     def kick(self, code: int, reason: str) -> bool:
         """Close soon with `code`; True only for the first call, and False once the
         connection is ending anyway (the peer left: not a slow consumer to count)."""
-        if self.close_code is not None or self._scope.cancel_called:
+        if self.close_code is not None or self._ending:
             return False
         self.close_code = code
         self.close_reason = reason
-        self._scope.cancel()
+        self._end()
         return True
+
+    def _end(self) -> None:
+        """Stop reading and pinging; the writer flushes within close_timeout (`run`)."""
+        self._ending = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -217,28 +296,35 @@ class Connection:
             self._refuse_auth(self._auth_error, ref=None)
         try:
             async with trio.open_nursery() as nursery:
-                # The writer lives outside the kick scope: what is queued when the
-                # connection is told to close (the ERROR that explains a 4001 or a
-                # 1009) is still written, within close_timeout.
-                nursery.start_soon(self._write)
+                self._nursery = nursery
+                if self._ending:  # kicked before it ran (a refused handshake token)
+                    nursery.cancel_scope.cancel()
+                if self._outbox and not self._writing:
+                    self._writing = True
+                    nursery.start_soon(self._write)
+                now = trio.current_time()
+                self._ping_at = now + self.config.ping_interval
+                self._auth_at = self._auth_deadline(now)
+                self._timers.schedule(self, self._next_deadline())
                 try:
-                    with self._scope:
-                        async with trio.open_nursery() as workers:
-                            workers.start_soon(self._read)
-                            workers.start_soon(self._heartbeat)
-                            workers.start_soon(self._watch_auth)
+                    await self._read()
                 finally:
-                    self._outbox.close()
+                    self._timers.cancel(self)
+                    self._closed = True
+                    self._ending = True
                     if self.close_code == CloseCode.SLOW_CONSUMER:
-                        nursery.cancel_scope.cancel()
+                        self._flush_deadline = -math.inf
                     else:
-                        nursery.cancel_scope.deadline = flush_deadline(self.gateway, self.config.close_timeout)
+                        self._flush_deadline = flush_deadline(self.gateway, self.config.close_timeout)
+                    if self._flush is not None:
+                        self._flush.deadline = self._flush_deadline
+                    nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 await self._finish()
 
     async def _finish(self) -> None:
-        self._outbox_reader.close()
         detach = RouterRequest(origin=self, detach=True)
         try:
             self._inbox.send_nowait(detach)
@@ -285,16 +371,27 @@ class Connection:
                 self.metrics.error(ErrorCode.TOO_LARGE)
                 self.close_code = CloseCode.TOO_BIG
                 self.close_reason = "message too big"
-        self._scope.cancel()
+        self._end()
 
     async def _write(self) -> None:
-        reader = self._outbox_reader
+        """Drain the outbox, then end: the next backlog starts a new writer (`_queue`)."""
+        with trio.CancelScope(shield=True, deadline=self._flush_deadline) as self._flush:
+            try:
+                await self._drain()
+            finally:
+                self._flush = None
+                self._writing = False
+
+    async def _drain(self) -> None:
+        """Write what is queued, joined into writes of up to WRITE_BATCH_BYTES."""
+        outbox = self._outbox
         metrics = self.metrics
-        async for frame, accepted_at in reader:
+        while outbox:
             frames: list[bytes] = []
             stamps: list[float] = []
             size = replayed = 0
-            while True:
+            while outbox and size + replayed < WRITE_BATCH_BYTES:
+                frame, accepted_at = outbox.popleft()
                 if type(frame) is list:  # a replay (offer_replay)
                     frames.extend(frame)
                     replayed += sum(map(len, frame))
@@ -303,19 +400,13 @@ class Connection:
                     size += len(frame)
                     if accepted_at:
                         stamps.append(accepted_at)
-                if size + replayed >= WRITE_BATCH_BYTES:
-                    break
-                try:
-                    frame, accepted_at = reader.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
             size += replayed
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             try:
                 await send_frames(self.ws, data, self._write_state)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._write_state.mid_write = False
-                self._scope.cancel()
+                self._end()
                 return
             metrics.messages_out += len(frames)
             metrics.bytes_out += size
@@ -325,44 +416,77 @@ class Connection:
                 now = time.monotonic()
                 for stamp in stamps:
                     metrics.record_delivery(now - stamp)
+        self._outbox = None  # an idle connection keeps no queue
 
-    async def _heartbeat(self) -> None:
-        while True:
-            await trio.sleep(self.config.ping_interval)
-            with trio.move_on_after(self.config.ping_timeout) as scope:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
-            if scope.cancelled_caught:
-                self.kick(CloseCode.POLICY, "ping timeout")
+    # -- deadlines (served by the gateway's ConnectionTimers) ----------------------
+
+    def on_timer(self, now: float) -> float | None:
+        """A deadline of ours passed: ping, or close on the auth timeout or token expiry."""
+        if self._ending:
+            return None
+        if self._ping_at is not None and now >= self._ping_at:
+            self._ping_at = None  # until the pong (`_ping`)
+            if self._nursery is not None:
+                self._nursery.start_soon(self._ping)
+        if self._auth_at is not None and now >= self._auth_at:
+            self._auth_at = None
+            self._auth_due()
+        return self._next_deadline()
+
+    def _next_deadline(self) -> float | None:
+        ping_at, auth_at = self._ping_at, self._auth_at
+        if ping_at is None or auth_at is None:
+            return auth_at if ping_at is None else ping_at
+        return min(ping_at, auth_at)
+
+    async def _ping(self) -> None:
+        """One ping; close with 1008 when its pong does not come within ping_timeout."""
+        with trio.move_on_after(self.config.ping_timeout) as scope:
+            try:
+                await self.ws.ping()
+            except ConnectionClosed:
                 return
+        if scope.cancelled_caught:
+            self.kick(CloseCode.POLICY, "ping timeout")
+            return
+        if self._ending:  # the pong and a close crossed: the timers have let go of us
+            return
+        self._ping_at = trio.current_time() + self.config.ping_interval
+        self._timers.schedule(self, self._next_deadline())
 
-    async def _watch_auth(self) -> None:
-        """Close with 4001 when a required AUTH never comes or a token runs out."""
-        while True:
-            changed = self._auth_changed = trio.Event()
-            principal = self.principal
-            if principal is None:
-                if not self._auth_required:
-                    await changed.wait()
-                    continue
-                with trio.move_on_after(self.config.auth_timeout):
-                    await changed.wait()
-                    continue
+    def _auth_deadline(self, now: float) -> float | None:
+        """When a required AUTH is overdue or the token runs out, on trio's clock."""
+        principal = self.principal
+        if principal is None:
+            return now + self.config.auth_timeout if self._auth_required else None
+        if principal.expires_at is None:
+            return None
+        grace = self.gateway.verifier.leeway
+        return now + max(0.0, principal.expires_at + grace - time.time())
+
+    def _auth_due(self) -> None:
+        """Close with 4001 when a required AUTH never came or the token ran out."""
+        principal = self.principal
+        if principal is None:
+            if self._auth_required:
                 self.kick(CloseCode.AUTH_FAILED, "authentication timeout")
                 _admission.auth_failed(self, "no token within the auth timeout")
-                return
-            if principal.expires_at is None:
-                await changed.wait()
-                continue
-            grace = self.gateway.verifier.leeway
-            with trio.move_on_after(max(0.0, principal.expires_at + grace - time.time())):
-                await changed.wait()
-                continue
-            _admission.audit_connection(self, "token_expired", "the token expired", sub=principal.sub)
-            self.kick(CloseCode.AUTH_FAILED, "token expired")
             return
+        if principal.expires_at is None:
+            return
+        left = principal.expires_at + self.gateway.verifier.leeway - time.time()
+        if left > 0:  # the wall clock moved against trio's: not yet
+            self._auth_at = trio.current_time() + left
+            return
+        _admission.audit_connection(self, "token_expired", "the token expired", sub=principal.sub)
+        self.kick(CloseCode.AUTH_FAILED, "token expired")
+
+    def _auth_changed(self) -> None:
+        """A new principal: its own expiry (if any) replaces the old deadline."""
+        if self._nursery is None or self._ending:
+            return  # not running yet (run() plans it) or ending
+        self._auth_at = self._auth_deadline(trio.current_time())
+        self._timers.schedule(self, self._next_deadline())
 
     # -- commands ------------------------------------------------------------------
 
@@ -460,7 +584,7 @@ class Connection:
             self._refuse(ProtocolError(ErrorCode.FORBIDDEN, "a refreshed token must be for the same subject", ref=ref))
             return
         self.principal = principal
-        self._auth_changed.set()
+        self._auth_changed()
         self._reply(ReplyType.ACK, Ack(ref=ref, user=UserInfo(sub=principal.sub, role=principal.role.value)))
 
     def _refuse_auth(self, reason: str, ref: str | None) -> None:

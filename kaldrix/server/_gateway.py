@@ -2,6 +2,7 @@
 the simulator and the metrics sampler.
 
     Gateway.run ── root nursery
+     ├─ connection timers (every client's pings and auth deadlines; kaldrix.server._timers)
      ├─ router task (owns subscriptions)          ◀── inbox ── connections, simulator
      ├─ broker link (with a shared broker: Redis; kaldrix.server._broker_link)
      ├─ listener (trio.serve_tcp) → per connection: HTTP answer, or WebSocket nursery
@@ -40,6 +41,7 @@ from ._connection import Connection
 from ._heartbeat import run_channel_timers, sweep_interval
 from ._http import BadRequest, ReplayStream, RequestHead, Response, read_head, respond
 from ._router import Router, RouterRequest
+from ._timers import ConnectionTimers
 
 log = logging.getLogger("kaldrix.server")
 
@@ -146,6 +148,7 @@ class Gateway:
         """Serve until `shutdown` or cancellation; `task_status.started(self)` once listening."""
         async with trio.open_nursery() as root:
             self._root_scope = root.cancel_scope
+            await root.start(self._run_timers)
             await root.start(self.router.run, self._router_inbox_reader)
             if self.link is not None:
                 await root.start(self.link.run)
@@ -183,6 +186,11 @@ class Gateway:
                     " and publish" if self.config.allow_anonymous_publish else "",
                 )
             task_status.started(self)
+
+    async def _run_timers(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Every connection's ping and auth deadlines, in one task (kaldrix.server._timers)."""
+        self.timers = ConnectionTimers()
+        await self.timers.run(task_status=task_status)
 
     async def _listen(self, handler_nursery: trio.Nursery, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with self._listen_scope:
@@ -275,19 +283,27 @@ class Gateway:
         if refusal is not None:
             await respond(stream, refusal)
             return
+        handshake = self._handshake_principal(head)
+        replay = ReplayStream(stream, head.raw)
+        del head  # a connection may stay open for days: it keeps nothing of its request head
         with _admission.counted(self, client_host):
-            await self._serve_websocket(stream, head, _show(client_host, peer_port), accepted_at)
+            await self._serve_websocket(stream, replay, handshake, _show(client_host, peer_port), accepted_at)
 
-    async def _serve_websocket(self, stream: trio.SocketStream, head: RequestHead, remote: str, accepted_at: float) -> None:
-        principal, auth_error = self._handshake_principal(head)
+    async def _serve_websocket(
+        self,
+        stream: trio.SocketStream,
+        replay: ReplayStream,
+        handshake: tuple[Principal | None, str | None],
+        remote: str,
+        accepted_at: float,
+    ) -> None:
+        principal, auth_error = handshake
         async with trio.open_nursery() as nursery:
             ws = None
             with trio.move_on_after(self.config.handshake_timeout):
                 # Twice our limit: messages in between get ERROR TOO_LARGE before the 1009
                 # close; trio-websocket closes with 1009 on its own beyond that.
-                request = await wrap_server_stream(
-                    nursery, ReplayStream(stream, head.raw), max_message_size=2 * self.config.max_message_size
-                )
+                request = await wrap_server_stream(nursery, replay, max_message_size=2 * self.config.max_message_size)
                 ws = await request.accept()
             if ws is None:
                 self.metrics.connection_failed()
