@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -156,3 +157,67 @@ def test_stress_steps_are_judged_on_p99_losses_and_keeping_up() -> None:
     assert not slow["clean"]
     lossy, _ = _step(_measured(0.010, 5000, lost=1), clients=100, clean_p99_ms=50.0)
     assert not lossy["clean"]
+
+
+def _ready_node(env: dict[str, str]) -> tuple[int, subprocess.Popen[bytes]]:
+    """A `kaldrix serve` as the harness starts its own, once /readyz says its broker is up."""
+    import time
+
+    from kaldrix.bench._server import ServerProcess
+
+    node = ServerProcess()
+    process = subprocess.Popen(node.command(), env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", node.port), timeout=1) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return node.port, process
+        except OSError:
+            pass
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("kaldrix serve did not become ready")
+
+
+def test_publishing_through_another_node_measures_cross_node_delivery(redis_server: Any) -> None:
+    """--publish-url: events published on node A reach the clients on node B, every one."""
+    env = {**_env(), "KALDRIX_BROKER": redis_server.url, "KALDRIX_REDIS_PREFIX": "bench-cross"}
+    nodes = []
+    try:
+        a_port, a = _ready_node(env)
+        nodes.append(a)
+        b_port, b = _ready_node(env)
+        nodes.append(b)
+        command = [
+            sys.executable, "-m", "kaldrix", "bench",
+            "--clients", "5", "--duration", "2", "--message-rate", "50",
+            "--output", "json", "--log-level", "warning", "--no-pin",
+            "--url", f"ws://127.0.0.1:{b_port}/ws", "--server-pid", str(b.pid),
+            "--publish-url", f"ws://127.0.0.1:{a_port}/ws", "--watch-pid", f"node-a={a.pid}",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, env=_env(), timeout=90, check=False)
+    finally:
+        for node in nodes:
+            node.terminate()
+            node.wait(10)
+    assert done.returncode == 0, done.stderr.decode()
+    result = orjson.loads(done.stdout)
+    assert result["server"] == f"ws://127.0.0.1:{b_port}/ws"
+    published = round(result["throughput"]["eventsPerSecond"] * 2)
+    assert 90 <= published <= 110
+    assert result["eventDelivery"]["count"] == 5 * published
+    assert result["lost"] == 0
+    assert result["duplicates"] == 0
+    assert set(result["resources"]["watchedCpu"]) == {"node-a"}
+    assert result["resources"]["watchedCpu"]["node-a"] > 0  # node A did the publishing
+
+
+def test_watch_pid_needs_name_and_pid() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kaldrix", "bench", "--url", "ws://127.0.0.1:1/ws", "--watch-pid", "redis"],
+        capture_output=True, env=_env(), timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert b"expected NAME=PID" in done.stderr

@@ -4,7 +4,8 @@
     start the workers ──────────────── pinned to the other CPUs; each opens and
                                        subscribes its share of the clients
     publish at --message-rate for --duration (after an optional warm-up), or sweep
-    the rate upwards (--stress-test), with a progress line every second
+    the rate upwards (--stress-test), with a progress line every second; through
+    --publish-url when given (another node on the same broker: cross-node latency)
     checkpoint: every client has seen the last offset (or the grace ran out), workers
     send their HdrHistograms and counts; they are merged into one result
 """
@@ -96,6 +97,7 @@ class _Phase:
     started: float
     generator_cpu: float
     server_cpu: float | None
+    watched_cpu: dict[str, float] = attrs.Factory(dict)
 
 
 class _Run:
@@ -111,6 +113,7 @@ class _Run:
         self.server_label = ""
         self._affinity: set[int] | None = None
         self.rss_final = 0
+        self.watched = _watched_pids(options.watch_pids)
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -128,9 +131,7 @@ class _Run:
         raise_open_files_limit()
         server_cpu, generator_cpus = self._cpus()
         if options.url:
-            parts = urlsplit(options.url)
-            self.host = parts.hostname or "127.0.0.1"
-            self.port = parts.port or (443 if parts.scheme == "wss" else 80)
+            self.host, self.port = _host_port(options.url)
             self.server_label = options.url
             # Whoever started the server placed it; the generator still keeps off CPU 0
             # (bench/compare.py pins peers there, as the harness pins its own server).
@@ -183,7 +184,11 @@ class _Run:
                 self.say(f"  {n} x {reason}")
         await trio.sleep(0.5)  # let the server settle before reading its memory
         self.rss_connected = await self._server_rss()
-        self.publisher = Publisher(self.host, self.port, DIALECTS[options.dialect](), options.channel, self.headers)
+        publish_host, publish_port = self.host, self.port
+        if options.publish_url:
+            publish_host, publish_port = _host_port(options.publish_url)
+            self.say(f"publishing through {options.publish_url}")
+        self.publisher = Publisher(publish_host, publish_port, DIALECTS[options.dialect](), options.channel, self.headers)
         await self.publisher.connect()
         nursery.start_soon(self.publisher.read_acks)
 
@@ -210,8 +215,11 @@ class _Run:
     def _generator_cpu(self) -> float:
         return sum(w.progress["cpuSeconds"] for w in self.workers) + cpu_seconds()
 
+    def _watched_cpu(self) -> dict[str, float]:
+        return {name: process_cpu_seconds(pid) for name, pid in self.watched.items()}
+
     def _phase(self) -> _Phase:
-        return _Phase(time.monotonic(), self._generator_cpu(), self._server_cpu())
+        return _Phase(time.monotonic(), self._generator_cpu(), self._server_cpu(), self._watched_cpu())
 
     async def _progress(self, phase: _Phase, rate: float, total: float) -> None:
         assert self.publisher is not None
@@ -264,6 +272,7 @@ class _Run:
         replies = [await worker.reply() for worker in self.workers]
         elapsed = time.monotonic() - phase.started
         server_cpu = self._server_cpu()
+        watched_cpu = {name: round((cpu - phase.watched_cpu[name]) / elapsed, 3) for name, cpu in self._watched_cpu().items()}
         generator_cpu = sum(r["cpuSeconds"] for r in replies) + cpu_seconds() - phase.generator_cpu
         deliveries = sum(r["deliveries"] for r in replies) - deliveries_before
         for worker, reply in zip(self.workers, replies, strict=True):
@@ -279,6 +288,7 @@ class _Run:
             "replies": replies,
             "generatorCpu": generator_cpu / elapsed,
             "serverCpu": None if server_cpu is None or phase.server_cpu is None else (server_cpu - phase.server_cpu) / elapsed,
+            "watchedCpu": watched_cpu,
         }
 
     async def close(self) -> None:
@@ -347,6 +357,7 @@ class _Run:
                 "serverRssConnectedBytes": self.rss_connected,
                 "rssPerConnectionBytes": round(per_connection) if per_connection else None,
                 "serverCpu": None if measured["serverCpu"] is None else round(measured["serverCpu"], 3),
+                "watchedCpu": measured["watchedCpu"],
                 "generatorCpu": round(measured["generatorCpu"], 3),
                 "generatorProcesses": len(self.workers) + 1,
                 "generatorCores": generator_cores,
@@ -361,6 +372,22 @@ class _Run:
             kept = [s["deliveriesPerSecond"] for s in steps if s["clean"] and s["keptUp"]]
             result["maxKeptUpDeliveriesPerSecond"] = max(kept) if kept else 0.0
         return result
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "wss" else 80)
+
+
+def _watched_pids(specs: tuple[str, ...]) -> dict[str, int]:
+    """`NAME=PID` pairs of --watch-pid as a dict."""
+    watched = {}
+    for spec in specs:
+        name, _, pid = spec.partition("=")
+        if not name or not pid.isdigit():
+            raise RuntimeError(f"--watch-pid: expected NAME=PID, got {spec!r}")
+        watched[name] = int(pid)
+    return watched
 
 
 def _step(measured: dict[str, Any], clients: int, clean_p99_ms: float) -> tuple[dict[str, Any], HdrHistogram]:
@@ -380,6 +407,7 @@ def _step(measured: dict[str, Any], clients: int, clean_p99_ms: float) -> tuple[
         "duplicates": sum(r["duplicates"] for r in replies),
         "disconnected": sum(r["disconnected"] for r in replies),
         "serverCpu": measured["serverCpu"],
+        "watchedCpu": measured.get("watchedCpu", {}),
         "generatorCpu": round(measured["generatorCpu"], 3),
     }
     step["clean"] = (

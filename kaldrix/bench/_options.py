@@ -27,6 +27,9 @@ class BenchOptions:
     log_level: str = "basic"
     url: str | None = None
     """Bench a running server; without it the harness starts its own."""
+    publish_url: str | None = None
+    """Publish through this server instead (another node on the same broker): the
+    subscribers stay on `url`, so latency is measured across nodes."""
     channel: str = "blocks"
     workers: int = 0
     """Load-generator processes (0: one per 2,500 clients, at least 2)."""
@@ -51,6 +54,9 @@ class BenchOptions:
     """Extra `kaldrix serve` flags for a server the harness starts."""
     server_pid: int | None = None
     """With `url`: read this process's RSS and CPU time from /proc."""
+    watch_pids: tuple[str, ...] = ()
+    """NAME=PID of other server-side processes (a second node, Redis): their CPU share
+    over the measured time is reported too, so a broker's cost is not left out."""
     hgrm: str | None = None
     plot: str | None = None
     save: str | None = None
@@ -69,8 +75,9 @@ def load_scenario(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ValueError(f"{path}: unknown setting(s): {', '.join(unknown)}")
-    if "server_args" in values:
-        values["server_args"] = tuple(values["server_args"])
+    for key in ("server_args", "watch_pids"):
+        if key in values:
+            values[key] = tuple(values[key])
     if "label" not in values and "name" in data:
         values["label"] = data["name"]
     return values

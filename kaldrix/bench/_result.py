@@ -127,6 +127,7 @@ def format_text(result: Mapping[str, Any]) -> str:
         f"- Server memory: {r['serverRssBytes'] / (1024 * 1024):.2f}MB"
         + (f" ({r['rssPerConnectionBytes'] / 1024:.1f}KB per connection)" if r.get("rssPerConnectionBytes") else ""),
         f"- Server CPU: {_percent(r.get('serverCpu'))}",
+        *[f"- {name} CPU: {_percent(share)}" for name, share in (r.get("watchedCpu") or {}).items()],
         f"- Load generator CPU: {_percent(r['generatorCpu'])} ({r['generatorProcesses']} processes)"
         + (" -- SATURATED: figures are bounded by the generator" if r.get("generatorSaturated") else ""),
         f"- Connections: {c['active']}",

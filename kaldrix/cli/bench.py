@@ -10,6 +10,7 @@ Examples:
   kaldrix bench --clients 500 --duration 60 --message-rate 1000
   kaldrix bench --scenario bench/scenarios/seed.toml --output json --save result.json
   kaldrix bench --url ws://127.0.0.1:3000/ws --clients 100 --plot latency.png
+  kaldrix bench --url ws://127.0.0.1:3001/ws --publish-url ws://127.0.0.1:3000/ws --server-pid 4242
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", choices=("text", "json"), help="result format on stdout (default text)")
     parser.add_argument("--log-level", choices=sorted(LOG_LEVELS), help="basic shows progress; warning hides it")
     parser.add_argument("--url", help="bench a running server instead of starting one")
+    parser.add_argument("--publish-url", help="publish through this server (another node on the same broker) instead of --url")
     parser.add_argument("--channel", help="channel to publish on and subscribe to (default blocks)")
     parser.add_argument("--token", help="bearer token for --url servers that require one")
     parser.add_argument("--workers", type=int, help="load-generator processes (default: 1 per 2,500 clients, at least 2)")
@@ -54,6 +56,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-duration", type=float, help="seconds per rate step of --stress-test (default 5)")
     parser.add_argument("--dialect", choices=("kaldrix", "socketio"), help="protocol of the server under test")
     parser.add_argument("--server-pid", type=int, help="with --url: read this process's memory and CPU from /proc")
+    parser.add_argument(
+        "--watch-pid", dest="watch_pids", action="append", metavar="NAME=PID",
+        help="also report the CPU share of this server-side process (a second node, Redis)",
+    )  # fmt: skip
     parser.add_argument("--server-arg", dest="server_args", action="append", help="extra flag for the started server")
     parser.add_argument("--hgrm", metavar="FILE", help="write the HdrHistogram percentile distribution here")
     parser.add_argument("--plot", metavar="FILE", help="write a latency-percentile PNG here (needs matplotlib)")
@@ -64,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 _OPTIONS = (
     "clients", "duration", "message_rate", "stress_test", "output", "log_level", "url", "channel", "token",
     "workers", "pin", "warmup", "churn_rate", "step_duration", "dialect", "server_pid", "server_args",
-    "hgrm", "plot", "save", "label",
+    "hgrm", "plot", "save", "label", "publish_url", "watch_pids",
 )  # fmt: skip
 
 
@@ -85,8 +91,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"kaldrix bench: {exc}", file=sys.stderr)
             return 2
     values.update({name: getattr(args, name) for name in _OPTIONS if getattr(args, name, None) is not None})
-    if "server_args" in values:
-        values["server_args"] = tuple(values["server_args"])
+    for key in ("server_args", "watch_pids"):
+        if key in values:
+            values[key] = tuple(values[key])
     options = BenchOptions(**values)
     if options.clients < 1 or options.duration <= 0 or options.message_rate <= 0:
         print("kaldrix bench: --clients, --duration and --message-rate must be positive", file=sys.stderr)
