@@ -49,6 +49,7 @@ _BROKER_COUNTERS = (
     ("publishErrors", "kaldrix_broker_publish_errors", "Events a shared broker could not take (publish failed)."),
     ("reconnects", "kaldrix_broker_reconnects", "Attempts to reconnect to a shared broker."),
     ("resyncs", "kaldrix_broker_resyncs", "Times live delivery came back and channels were checked for missed events."),
+    ("overruns", "kaldrix_broker_overruns", "Times the node fell so far behind its live stream that it caught up from history."),
     ("gapsFilled", "kaldrix_broker_gaps_filled", "Missed live publications fetched from the broker's history."),
     ("gapsLost", "kaldrix_broker_gaps_lost", "Missed live publications the broker no longer had (subscribers were told)."),
     ("subscribeErrors", "kaldrix_broker_subscribe_errors", "SUBSCRIBEs refused with UNAVAILABLE because the broker did not answer."),
@@ -108,6 +109,16 @@ class GatewayCollector(Collector):
         if "storedEvents" in broker:
             yield GaugeMetricFamily("kaldrix_stored_events", "Events kept in history for recovery.", value=broker["storedEvents"])
         yield GaugeMetricFamily("kaldrix_broker_ready", "1 when the broker answers (always, for memory).", value=int(broker["ready"]))
+        if "liveLagSeconds" in broker:
+            yield GaugeMetricFamily(
+                "kaldrix_broker_live_lag_seconds",
+                "How long the latest live event had waited (since the publishing node took it) when this node got it.",
+                value=broker["liveLagSeconds"],
+            )
+        if "liveBacklog" in broker:
+            yield GaugeMetricFamily(
+                "kaldrix_broker_live_backlog", "Live messages from the broker read and not yet delivered.", value=broker["liveBacklog"]
+            )
         for key, name, documentation in _BROKER_COUNTERS:
             if key in broker:
                 yield CounterMetricFamily(name, documentation, value=broker[key])

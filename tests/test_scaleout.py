@@ -609,3 +609,35 @@ async def test_a_client_moving_to_a_node_that_lags_behind_is_not_told_it_has_a_g
         await publish_ok(producer, after)
         frames = await frames_until(moved, lambda got: any(frame.get("id") == after["id"] for frame in got))
         assert [frame["offset"] for frame in frames if "channel" in frame] == list(range(4, 5))
+
+
+async def test_a_node_that_falls_far_behind_its_live_stream_catches_up_from_history(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live events reaching a node long after they were published mean it fell behind:
+    it stops working through the backlog and delivers from history, once each, in order."""
+    from kaldrix.broker import _redis
+
+    monkeypatch.setattr(_redis, "MAX_LIVE_LAG", 1.0)
+    with trio.fail_after(20):
+        a, b = await cluster.node(), await cluster.node()
+        subscriber, producer = await cluster.connect(b), await cluster.connect(a)
+        epoch = (await subscriber.subscribe("blocks"))["payload"]["channels"]["blocks"]["epoch"]
+        published = [block() for _ in range(8)]
+        for event in published[:3]:
+            await publish_ok(producer, event)
+        assert [frame["offset"] for frame in await subscriber.events(3)] == [1, 2, 3]
+
+        # A live message published long ago (accepted_at 0: 1970), as a lagging node finds
+        # them at the head of its queue. Its offset 4 is not what history holds: the node
+        # must drop it and take offset 4 onwards from Redis, not from its queue.
+        stale = orjson.dumps(["NEW_BLOCK", "not-in-history", "2025-08-07T10:00:00Z", 0.0])
+        message = f"{epoch}\n4 {len(stale) + 3}\n".encode() + stale + b"\n{}"
+        overruns = b.engine.counters.overruns
+        assert cluster.redis.command("PUBLISH", f"{cluster.prefix}:{{blocks}}:live", message.decode()) == 1  # node B
+        for event in published[3:]:
+            await publish_ok(producer, event)
+        got = await subscriber.events(5)
+        assert [event_key(frame) for frame in got] == [(n + 1, epoch, published[n]["id"]) for n in range(3, 8)]
+        assert await settled(subscriber) == []
+        assert b.engine.counters.overruns == overruns + 1

@@ -166,6 +166,8 @@ class BrokerCounters:
     """Live publications handed to the handler."""
     reconnects: int = 0
     resyncs: int = 0
+    overruns: int = 0
+    """Times the node fell so far behind its live stream (MAX_LIVE_LAG) that it caught up from history."""
     publish_seconds_total: float = 0.0
     publish_seconds_max: float = 0.0
     publish_calls: int = 0

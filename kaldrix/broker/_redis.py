@@ -45,6 +45,12 @@ from ._redis_scripts import Keys, Limits
 
 log = logging.getLogger("kaldrix.broker")
 
+MAX_LIVE_LAG = 10.0
+"""Seconds a live publication may have waited (since the publishing node accepted it)
+before this node counts as fallen behind: it drops what it was about to deliver and
+catches up from history instead, which writes many events per client write, and the
+stale messages still queued are then dropped cheaply as duplicates. At most once per
+this many seconds, so clocks that disagree by more cannot cause a storm of catch-ups."""
 DEFAULT_META_TTL = 30 * 24 * 3600.0
 """Seconds a channel's offset and epoch outlive its last event (then it starts over)."""
 
@@ -106,6 +112,9 @@ class RedisEngine:
         self._subscriptions = trio.Lock()
         self._suspect = trio.Event()
         self._sessions = 0
+        self.live_lag = 0.0
+        """Seconds the latest live publication had waited when this node took it."""
+        self._next_overrun = 0.0
 
     @property
     def ready(self) -> bool:
@@ -223,8 +232,7 @@ class RedisEngine:
                 nursery.start_soon(self._watch, client)
                 while True:
                     message = await pubsub.get_message()
-                    if message is not None:
-                        self._dispatch(handler, message)
+                    self._dispatch(handler, [message, *_waiting_messages(pubsub)])
 
     async def _watch(self, client: Any) -> None:
         """Check Redis at once when a request failed, so `ready` does not lag."""
@@ -237,22 +245,47 @@ class RedisEngine:
     def _suspect_outage(self) -> None:
         self._suspect.set()
 
-    def _dispatch(self, handler: BrokerHandler, message: Any) -> None:
-        if message.get("type") != "message":
+    def _dispatch(self, handler: BrokerHandler, messages: list[Any]) -> None:
+        """Hand over what arrived, each channel's publications together and in order:
+        when this node fell behind, its clients then get several events per write."""
+        arrived: dict[str, list[Publication]] = {}
+        for message in messages:
+            if message is None or message.get("type") != "message":
+                continue
+            channel = self.keys.channel_of(message["channel"])
+            if channel not in self._interest:
+                continue  # unsubscribed while the message was on its way
+            try:
+                publications = decode_live(channel, message["data"])
+            except RecordError:
+                log.warning("dropped a malformed live message on %s", channel, exc_info=True)
+                continue
+            arrived.setdefault(channel, []).extend(publications)
+        if not arrived:
             return
-        channel = self.keys.channel_of(message["channel"])
-        if channel not in self._interest:
-            return  # unsubscribed while the message was on its way
-        try:
-            publications = decode_live(channel, message["data"])
-        except RecordError:
-            log.warning("dropped a malformed live message on %s", channel, exc_info=True)
+        newest = max(publications[-1].event.accepted_at for publications in arrived.values())
+        self.live_lag = lag = max(0.0, time.time() - newest)
+        if lag > MAX_LIVE_LAG and time.monotonic() >= self._next_overrun:
+            self._next_overrun = time.monotonic() + MAX_LIVE_LAG
+            self._overrun(handler, lag)
             return
+        for channel, publications in arrived.items():
+            try:
+                handler.on_publications(publications)
+            except Exception:
+                log.exception("the broker handler failed on %s offsets %d-%d", channel, publications[0].offset, publications[-1].offset)
+            self.counters.delivered += len(publications)
+
+    def _overrun(self, handler: BrokerHandler, lag: float) -> None:
+        """This node fell too far behind its live stream: let the handler catch up from
+        history, as after a reconnect (what it was about to deliver is in history)."""
+        self.counters.overruns += 1
+        self.counters.resyncs += 1
+        log.warning("live events from Redis reach this node %.1fs late: it fell behind; catching up from history", lag)
         try:
-            handler.on_publications(publications)
+            handler.on_resync()
         except Exception:
-            log.exception("the broker handler failed on %s offsets %d-%d", channel, publications[0].offset, publications[-1].offset)
-        self.counters.delivered += len(publications)
+            log.exception("the broker handler failed to resync")
 
     # -- publishing and reading ------------------------------------------------------
 
@@ -331,8 +364,40 @@ class RedisEngine:
             "ready": self._ready,
             "liveChannels": len(self._interest),
             "queued": self._pipeliner.queued,
+            "liveBacklog": _backlog(self._pubsub),
+            "liveLagSeconds": round(self.live_lag, 3),
             **self.counters.as_dict(),
         }
+
+
+def _backlog(pubsub: Any) -> int:
+    """How many live messages wait to be handled (0 when not known)."""
+    stream = getattr(pubsub, "_receive_stream", None)
+    try:
+        return int(stream.statistics().current_buffer_used) if stream is not None else 0
+    except Exception:  # noqa: BLE001 - a statistic, never worth failing for
+        return 0
+
+
+def _waiting_messages(pubsub: Any) -> list[Any]:
+    """The live messages coredis has already read and queued, taken without waiting.
+
+    coredis reads the Pub/Sub connection eagerly into an unbounded queue and hands out one
+    message per `get_message`; taking what is queued at once lets a node that fell behind
+    write several events per client write, and see how far behind it is. This reaches
+    into coredis (pinned to 6.x); without the queue it finds, it takes nothing.
+    """
+    stream = getattr(pubsub, "_receive_stream", None)
+    receive = getattr(stream, "receive_nowait", None)
+    if receive is None:
+        return []
+    waiting = []
+    try:
+        for _ in range(stream.statistics().current_buffer_used):
+            waiting.append(receive())
+    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+        pass
+    return waiting
 
 
 def _failure_in(raised: BaseException) -> Exception | None:
