@@ -13,7 +13,7 @@ import trio_websocket
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from kaldrix.bench._ws import OP_TEXT, client_frame, handshake_request, split_frames
-from kaldrix.server._wire import DirectWriter, check_compatible, text_frame
+from kaldrix.server._wire import DirectWriter, check_compatible, shed_handshake, text_frame
 
 from .conftest import WireClient, block_event
 
@@ -49,6 +49,25 @@ async def test_check_compatible_and_direct_writer_on_a_real_connection(gateway, 
     check_compatible(conn.ws)
     assert DirectWriter(conn.ws).enabled
     assert not DirectWriter(conn.ws, enabled=False).enabled
+
+
+async def test_an_open_connection_keeps_nothing_of_its_handshake_and_still_works(gateway, connect) -> None:
+    client = await connect()
+    [conn] = list(gateway.connections)
+    handshake = conn.ws._wsproto.handshake
+    assert handshake._h11_connection is None  # shed at start (kaldrix.server._wire.shed_handshake)
+    assert handshake._initiating_request is None
+    assert not shed_handshake(conn.ws) or handshake._h11_connection is None
+    await client.subscribe("blocks")
+    await client.publish(block_event(1))
+    (event,) = await client.events(1)
+    assert event["offset"] == 1
+    await client.send("PING", {"t": 2})
+    await client.expect("PONG")
+    await client.ws.aclose()
+    with trio.fail_after(5):
+        while gateway.connections:
+            await trio.sleep(0.01)
 
 
 async def test_direct_writes_stand_aside_for_a_write_in_progress_and_after_close(gateway, connect) -> None:

@@ -48,7 +48,7 @@ from ._drain import flush_deadline
 from ._frames import error_frame, reply_frame
 from ._router import RouterRequest
 from ._timers import ConnectionTimers
-from ._wire import DirectWriter, WriteState, abort, check_compatible, send_frames
+from ._wire import DirectWriter, WriteState, abort, check_compatible, send_frames, shed_handshake
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
@@ -290,6 +290,7 @@ class Connection:
     async def run(self) -> None:
         """Serve the connection until either side closes it."""
         check_compatible(self.ws)
+        shed_handshake(self.ws)
         log.info("connect %s session=%s user=%s", self.remote, self.session_id, self._who())
         self._reply(ReplyType.WELCOME, self._welcome())
         if self._auth_error is not None:

@@ -60,6 +60,25 @@ def check_compatible(ws: WebSocketConnection) -> None:
         )
 
 
+def shed_handshake(ws: WebSocketConnection) -> bool:
+    """Drop what the opening handshake left behind once the WebSocket is open.
+
+    wsproto keeps its HTTP/1.1 parser (an h11 connection with its buffers) and the
+    upgrade request for the life of every connection, about 2 KB each, though nothing
+    reads them after the handshake: a server's WebSocket events come from wsproto's
+    `connection`, not its `handshake`. Optional: when wsproto no longer looks as
+    expected, nothing is dropped (returns False).
+    """
+    wsproto = getattr(ws, "_wsproto", None)
+    handshake = getattr(wsproto, "handshake", None)
+    if getattr(wsproto, "connection", None) is None or not hasattr(handshake, "_h11_connection"):
+        return False
+    handshake._h11_connection = None
+    if hasattr(handshake, "_initiating_request"):
+        handshake._initiating_request = None
+    return True
+
+
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The socket beneath pass-through wrappers; None if anything in between transforms
     the bytes (TLS) or there is no socket at all."""
