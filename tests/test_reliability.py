@@ -373,3 +373,14 @@ async def test_during_a_drain_readyz_is_503_upgrades_are_refused_and_clients_get
 
 def ws_upgrade() -> bytes:
     return WSConnection(ConnectionType.CLIENT).send(Request(host="127.0.0.1", target="/ws"))
+
+
+async def test_the_dedup_memory_keeps_only_ids_a_producer_sent(gateway, connect) -> None:
+    """An event without an id gets one from the server, which nobody can send again: the
+    dedup window remembers only the ids producers chose."""
+    producer = await connect()
+    await producer.publish(block_event(1), block_event(2))  # no ids
+    await producer.publish({**block_event(3), "id": "chosen-by-the-producer"})
+    assert gateway.broker.statistics()["dedupIds"] == 1
+    again = await producer.publish({**block_event(4), "id": "chosen-by-the-producer"})
+    assert again["payload"]["results"][0]["duplicate"] is True

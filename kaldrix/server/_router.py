@@ -329,7 +329,8 @@ class Router:
             offset, frame = self.broker.append(name, build, accepted_at)
             offsets[name] = offset
             delivered += self.fan_out(name, frame, accepted_at)
-        self.broker.remember(event_id, offsets)
+        if event.id is not None:  # an id the server made up can never be sent again
+            self.broker.remember(event_id, offsets)
         if self.metrics is not None:
             self.metrics.events_published += 1
             self.metrics.broadcasts += len(names)
