@@ -337,3 +337,49 @@ async def test_client_module_helpers_and_handler_pacing(
     assert calls["removed"] == 0
     assert_no_page_errors(page)
     await close(browser, page, gateway)
+
+
+HEARTBEAT_CLIENT = """async () => {
+  const k = await import("/kaldrix.js");
+  window.seen = [];
+  window.gaps = [];
+  const client = new k.KaldrixClient({ channels: ["blocks"] });
+  client.on("*", (event) => window.seen.push([event.offset, event.id]));
+  client.on("gap", (gap) => window.gaps.push(gap));
+  window.heartbeatClient = client;
+  client.connect();
+  await client.subscribe(["blocks"]);
+}"""
+
+
+async def test_browser_client_recovers_an_event_a_heartbeat_shows_it_missed(
+    start_gateway: StartGateway, browser: BrowserThread
+) -> None:
+    """An event stored in history but never sent (a lost delivery): the channel's next
+    HEARTBEAT is ahead of the client, which subscribes again from its last offset."""
+    import time
+
+    import attrs
+
+    from kaldrix.protocol import build_new_block_message
+    from kaldrix.server._wire import text_frame
+
+    gateway = await start_gateway(channel_heartbeat=0.1)
+    page = await browser.new_page()
+    await page.goto(f"http://127.0.0.1:{gateway.port}/")
+    with trio.fail_after(10):
+        await page.evaluate(HEARTBEAT_CLIENT)
+    missed = build_new_block_message(block_id="b1", height=1)
+
+    def frame(offset: int, epoch: str) -> bytes:
+        return text_frame(attrs.evolve(missed, channel="blocks", offset=offset, epoch=epoch).encode())
+
+    gateway.broker.append("blocks", frame, time.monotonic())
+    await page.wait_for_function("() => window.seen.length >= 1")
+    await trio.sleep(0.3)  # a few more heartbeats: nothing else may arrive
+    assert await page.evaluate("() => window.seen") == [[1, missed.id]]
+    assert await page.evaluate("() => window.gaps") == []
+    assert await page.evaluate("() => window.heartbeatClient.state.resyncs") == 1
+    await page.evaluate("() => window.heartbeatClient.close()")
+    assert_no_page_errors(page)
+    await close(browser, page, gateway)

@@ -158,6 +158,7 @@ export class KaldrixClient {
       error: null,
       reconnectAttempts: 0,
       latency: null, // ms: round trip of the latest PING
+      resyncs: 0, // channels subscribed again because a HEARTBEAT showed a missed event
       sessionId: null,
       serverVersion: null,
       user: null,
@@ -386,6 +387,8 @@ export class KaldrixClient {
         return this.#reply(message.type, payload);
       case "ERROR":
         return this.#error(payload);
+      case "HEARTBEAT":
+        return this.#heartbeat(payload);
       default:
         if (typeof message.channel === "string") this.#admit(message);
       // other types are from a later 1.x server: ignored, as the protocol asks
@@ -454,6 +457,21 @@ export class KaldrixClient {
     this.#positions.set(channel, { offset: event.offset, epoch: event.epoch });
     // A replayed event keeps its original timestamp: it says nothing about delivery latency.
     this.#deliver(event, { replayed, latency: replayed ? null : deliveryLatency(event) });
+  }
+
+  /**
+   * A quiet channel's HEARTBEAT carries its latest position, and every event up to it was
+   * sent before it: a client whose last event differs missed something (or the stream
+   * started a new epoch), so it subscribes again from its last offset, which brings the
+   * missed events or reports the gap.
+   */
+  #heartbeat({ channel, offset, epoch }) {
+    if (!this.#subscribed.has(channel) || (this.#replaying.get(channel) ?? 0) > 0) return;
+    const last = this.#positions.get(channel);
+    if (!last || (last.offset === offset && last.epoch === epoch)) return;
+    this.#subscribed.delete(channel);
+    this.#setState({ resyncs: this.#state.resyncs + 1 });
+    this.#sync();
   }
 
   #gap(channel, last, newOffset, newEpoch, reason) {
