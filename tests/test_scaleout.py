@@ -641,3 +641,44 @@ async def test_a_node_that_falls_far_behind_its_live_stream_catches_up_from_hist
         assert [event_key(frame) for frame in got] == [(n + 1, epoch, published[n]["id"]) for n in range(3, 8)]
         assert await settled(subscriber) == []
         assert b.engine.counters.overruns == overruns + 1
+
+
+async def test_a_channel_nobody_uses_is_unfollowed_and_can_be_followed_again_at_once(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node stops following a channel its clients left; following it again in the same
+    instant (its unsubscribe and subscribe start in either order) leaves it subscribed."""
+    import time
+
+    import trio.testing
+
+    from kaldrix.server import _feeds
+
+    monkeypatch.setattr(_feeds, "IDLE_FEED_SECONDS", 0.0)
+    live = f"{cluster.prefix}:{{blocks}}:live"
+    with trio.fail_after(30):
+        node = await cluster.node()
+        client, producer = await cluster.connect(node), await cluster.connect(node)
+        await client.subscribe("blocks")
+        assert (await client.request("UNSUBSCRIBE", {"channels": ["blocks"]}))["type"] == "ACK"
+        assert node.link is not None
+        feeds = node.link.feeds
+        node.router.sweep()
+        await trio.testing.wait_all_tasks_blocked()
+        assert "blocks" not in feeds.feeds
+        assert cluster.redis.command("PUBSUB", "NUMSUB", live) == [live, 0]
+
+        for _ in range(10):
+            feeds.follow("blocks").idle_since = 0.0
+            await feeds.feeds["blocks"].established.wait()
+            feeds.sweep(time.monotonic())  # dropped...
+            feeds.follow("blocks")  # ...and wanted again, before anything ran
+            await feeds.feeds["blocks"].established.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert cluster.redis.command("PUBSUB", "NUMSUB", live) == [live, 1]
+
+        await client.subscribe("blocks")
+        event = block()
+        await publish_ok(producer, event)
+        (got,) = await client.events(1)
+        assert got["id"] == event["id"]

@@ -103,6 +103,8 @@ class Feeds:
         self.timeout = timeout
         self.join_limit = join_limit
         self.feeds: dict[str, Feed] = {}
+        self._unfollowing: dict[str, trio.Event] = {}
+        """Channels whose unsubscribe is under way (set when the feed was dropped)."""
         self._resynced = trio.Event()
         self.counters = {"duplicatesDropped": 0, "gapsFilled": 0, "gapsLost": 0}
 
@@ -133,6 +135,9 @@ class Feeds:
         Subscribing first means nothing committed after the position was read is missed:
         it arrives live, and what arrived before is dropped by offset.
         """
+        unfollowing = self._unfollowing.get(feed.name)
+        if unfollowing is not None:
+            await unfollowing.wait()  # tasks start in any order: subscribe after that unsubscribe
         while self.feeds.get(feed.name) is feed:
             resynced = self._resynced
             try:
@@ -327,10 +332,15 @@ class Feeds:
                     feed.idle_since = None
                     continue
                 del self.feeds[name]
-                self._spawn(self._unfollow, name)
+                done = self._unfollowing[name] = trio.Event()
+                self._spawn(self._unfollow, name, done)
 
-    async def _unfollow(self, name: str) -> None:
+    async def _unfollow(self, name: str, done: trio.Event) -> None:
         try:
             await self.engine.unsubscribe(name)
         except BrokerError as exc:
             log.debug("unsubscribing %s: %s", name, exc)
+        finally:
+            done.set()
+            if self._unfollowing.get(name) is done:
+                del self._unfollowing[name]
