@@ -327,7 +327,10 @@ class Feeds:
         """Stop following channels nobody on this node used for a while."""
         horizon = now - IDLE_FEED_SECONDS
         for name, feed in list(self.feeds.items()):
-            if feed.idle_since is not None and feed.idle_since <= horizon and not feed.joining:
+            # One still being established is left to finish: its subscribe must not end
+            # after the unsubscribe.
+            idle = feed.idle_since is not None and feed.idle_since <= horizon
+            if idle and not feed.joining and feed.epoch is not None:
                 if self.router.subscriber_count(name):
                     feed.idle_since = None
                     continue
