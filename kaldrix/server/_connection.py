@@ -48,7 +48,16 @@ from ._drain import flush_deadline
 from ._frames import error_frame, reply_frame
 from ._router import RouterRequest
 from ._timers import ConnectionTimers
-from ._wire import DirectWriter, WriteState, abort, check_compatible, send_frames, shed_handshake
+from ._wire import (
+    DirectWriter,
+    WriteState,
+    abort,
+    check_compatible,
+    expect_pong,
+    ping_frame,
+    send_frames,
+    shed_handshake,
+)
 
 if TYPE_CHECKING:
     from ._gateway import Gateway
@@ -80,6 +89,9 @@ class Connection:
         "_nursery",
         "_outbox",
         "_ping_at",
+        "_pings_sent",
+        "_pong",
+        "_pong_by",
         "_queued_bytes",
         "_replay_bytes",
         "_timers",
@@ -139,7 +151,12 @@ class Connection:
         """Until when the writer may flush, once the connection ends (close_timeout)."""
         self._timers: ConnectionTimers = gateway.timers
         self._ping_at: float | None = None
-        """When the next ping is due (trio clock); None while one is in flight."""
+        """When the next ping is due (trio clock)."""
+        self._pong: trio.Event | None = None
+        """Set by trio-websocket when the pong of the ping in flight arrives; None: none in flight."""
+        self._pong_by = math.inf
+        """When the pong of the ping in flight must have come (ping_timeout after it was sent)."""
+        self._pings_sent = 0
         self._auth_at: float | None = None
         """When the auth timeout or the token's expiry falls due (trio clock), if ever."""
         self._write_state = WriteState()
@@ -422,38 +439,42 @@ class Connection:
     # -- deadlines (served by the gateway's ConnectionTimers) ----------------------
 
     def on_timer(self, now: float) -> float | None:
-        """A deadline of ours passed: ping, or close on the auth timeout or token expiry."""
+        """A deadline of ours passed: ping, close on a missing pong (1008), or on the auth
+        timeout or token expiry (4001)."""
         if self._ending:
             return None
-        if self._ping_at is not None and now >= self._ping_at:
-            self._ping_at = None  # until the pong (`_ping`)
-            if self._nursery is not None:
-                self._nursery.start_soon(self._ping)
+        pong = self._pong
+        if pong is not None:
+            if pong.is_set():
+                self._pong = None
+            elif now >= self._pong_by:
+                self.kick(CloseCode.POLICY, "ping timeout")
+                return None
+        if self._pong is None and self._ping_at is not None and now >= self._ping_at:
+            self._ping(now)
         if self._auth_at is not None and now >= self._auth_at:
             self._auth_at = None
             self._auth_due()
         return self._next_deadline()
 
     def _next_deadline(self) -> float | None:
-        ping_at, auth_at = self._ping_at, self._auth_at
-        if ping_at is None or auth_at is None:
-            return auth_at if ping_at is None else ping_at
-        return min(ping_at, auth_at)
+        due = self._auth_at
+        ping = self._pong_by if self._pong is not None else self._ping_at
+        if ping is not None and (due is None or ping < due):
+            due = ping
+        return due
 
-    async def _ping(self) -> None:
-        """One ping; close with 1008 when its pong does not come within ping_timeout."""
-        with trio.move_on_after(self.config.ping_timeout) as scope:
-            try:
-                await self.ws.ping()
-            except ConnectionClosed:
-                return
-        if scope.cancelled_caught:
-            self.kick(CloseCode.POLICY, "ping timeout")
-            return
-        if self._ending:  # the pong and a close crossed: the timers have let go of us
-            return
-        self._ping_at = trio.current_time() + self.config.ping_interval
-        self._timers.schedule(self, self._next_deadline())
+    def _ping(self, now: float) -> None:
+        """Send a ping without a task: a pre-framed write, its pong matched by trio-websocket's
+        reader (kaldrix.server._wire.expect_pong) and looked at when `_pong_by` comes. The
+        next ping is due ping_interval after this one, once its pong came."""
+        self._pings_sent += 1
+        payload = self._pings_sent.to_bytes(4, "big")
+        pong = trio.Event()
+        expect_pong(self.ws, payload, pong)
+        self._pong, self._pong_by = pong, now + self.config.ping_timeout
+        self._ping_at = now + self.config.ping_interval
+        self.offer(ping_frame(payload), 0.0)  # when it cannot be queued, the pong never comes
 
     def _auth_deadline(self, now: float) -> float | None:
         """When a required AUTH is overdue or the token runs out, on trio's clock."""

@@ -14,8 +14,12 @@ go straight on the connection's stream, two ways:
 - ``send_frames``: the writer task's path for backlog, under the same lock
   trio-websocket uses for its own writes (pongs, close), so frames never interleave.
 
-This relies on two private attributes of ``trio_websocket.WebSocketConnection``:
-``_stream`` and ``_stream_lock``, and on the stream being (a pass-through wrapper of)
+Pings go out the same way (``ping_frame``), their pongs are matched by trio-websocket's
+reader through ``expect_pong``, and wsproto's leftover handshake state is dropped once the
+connection is open (``shed_handshake``).
+
+This relies on three private attributes of ``trio_websocket.WebSocketConnection``:
+``_stream``, ``_stream_lock`` and ``_pings``, and on the stream being (a pass-through wrapper of)
 a ``trio.SocketStream``. Every path that makes trio-websocket write a close frame first
 sets what its public ``closed`` reports, which is what keeps direct writes from
 following a close. The dependency is pinned (``trio-websocket>=0.12.2,<0.13``) and
@@ -27,12 +31,14 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import OrderedDict
 from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection
 
 _TEXT_FIN = 0x81
+_PING_FIN = 0x89
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -45,6 +51,21 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", _TEXT_FIN, 127, length) + payload
 
 
+def ping_frame(payload: bytes) -> bytes:
+    """A server's WebSocket ping (unmasked) carrying `payload` (at most 125 bytes)."""
+    return bytes((_PING_FIN, len(payload))) + payload
+
+
+def expect_pong(ws: WebSocketConnection, payload: bytes, pong: trio.Event) -> None:
+    """Have trio-websocket's reader set `pong` when the pong for `payload` arrives.
+
+    This is what its own ``ping()`` does before it sends the ping and waits; here the ping
+    goes out as a pre-framed write and nobody waits: the gateway's timer looks at `pong`
+    when the deadline comes, so a ping costs no task.
+    """
+    ws._pings[payload] = pong
+
+
 def check_compatible(ws: WebSocketConnection) -> None:
     """Fail loudly if trio-websocket no longer has what the raw write path needs."""
     stream = getattr(ws, "_stream", None)
@@ -53,9 +74,10 @@ def check_compatible(ws: WebSocketConnection) -> None:
         not isinstance(stream, trio.abc.SendStream)
         or not isinstance(lock, trio.StrictFIFOLock)
         or not hasattr(type(ws), "closed")
+        or not isinstance(getattr(ws, "_pings", None), OrderedDict)
     ):
         raise RuntimeError(
-            "trio-websocket internals changed (_stream/_stream_lock/closed): "
+            "trio-websocket internals changed (_stream/_stream_lock/closed/_pings): "
             "kaldrix.server._wire needs updating for this trio-websocket version"
         )
 
