@@ -13,7 +13,7 @@ import trio_websocket
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from kaldrix.bench._ws import OP_TEXT, client_frame, handshake_request, split_frames
-from kaldrix.server._wire import DirectWriter, check_compatible, shed_handshake, text_frame
+from kaldrix.server._wire import DirectWriter, check_compatible, ping_frame, shed_handshake, text_frame
 
 from .conftest import WireClient, block_event
 
@@ -86,6 +86,14 @@ async def test_direct_writes_stand_aside_for_a_write_in_progress_and_after_close
         while conn.ws.closed is None:
             await trio.sleep(0.01)
     assert writer.try_write(frame) == 0
+
+
+def test_trio_websocket_still_matches_pongs_through_its_pings_table() -> None:
+    """Taskless pings (kaldrix.server._wire.expect_pong) rely on the reader setting the
+    event registered under the pong's payload, and on the frame layout of a ping."""
+    source = inspect.getsource(WebSocketConnection._handle_pong_event)
+    assert "self._pings[payload]" in source and ".set()" in source
+    assert ping_frame(b"\x00\x00\x00\x07") == b"\x89\x04\x00\x00\x00\x07"
 
 
 def test_text_frame_lengths() -> None:
