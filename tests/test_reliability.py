@@ -162,8 +162,10 @@ async def test_a_half_open_peer_that_stops_answering_pings_is_dropped(start_gate
     await stream.aclose()
 
 
-async def test_a_peer_that_answers_pings_is_kept(start_gateway):
-    gateway = await start_gateway(**FAST_LIVENESS)
+@pytest.mark.parametrize("direct_writes", [True, False])
+async def test_a_peer_that_answers_pings_is_kept(start_gateway, direct_writes):
+    # Pings are pre-framed writes: straight into the socket, or through the writer task.
+    gateway = await start_gateway(**FAST_LIVENESS, direct_writes=direct_writes)
     stream, ws = await raw_websocket(gateway.port)
     pings = 0
     with trio.move_on_after(1.0):  # several ping intervals and timeouts
