@@ -277,7 +277,8 @@ async def test_panel_reports_a_refused_token_and_shows_metrics_to_admins(
     assert await page.inner_text("#conn-user") == "ops (admin)"
     await page.wait_for_selector("#metrics-body:not([hidden])")
     assert int(await page.inner_text("#m-connections")) >= 1
-    assert "uptime" in await page.inner_text("#metrics-detail")
+    detail = await page.inner_text("#metrics-detail")
+    assert "uptime" in detail and "broker memory" in detail
     assert_no_page_errors(page)
     await close(browser, page, gateway)
 
@@ -381,5 +382,20 @@ async def test_browser_client_recovers_an_event_a_heartbeat_shows_it_missed(
     assert await page.evaluate("() => window.gaps") == []
     assert await page.evaluate("() => window.heartbeatClient.state.resyncs") == 1
     await page.evaluate("() => window.heartbeatClient.close()")
+    assert_no_page_errors(page)
+    await close(browser, page, gateway)
+
+
+async def test_panel_shows_a_shared_broker_and_whether_it_answers(
+    start_gateway: StartGateway, browser: BrowserThread, redis_server
+) -> None:
+    secret = secrets.token_urlsafe(32)
+    gateway = await start_gateway(
+        jwt_secret=secret, broker=redis_server.url, redis_prefix=f"kx-web-{secrets.token_hex(4)}", sampling_interval=0.2
+    )
+    page = await browser.new_page()
+    await page.goto(f"http://127.0.0.1:{gateway.port}/debug?token={issue_token('ops', 'admin', secret=secret)}")
+    await page.wait_for_selector(CONNECTED)
+    await page.wait_for_function("() => /broker redis ready/.test(document.querySelector('#metrics-detail').textContent)")
     assert_no_page_errors(page)
     await close(browser, page, gateway)

@@ -392,6 +392,7 @@ function renderMetrics(metrics) {
   const rss = metrics.resources?.rssBytes;
   $("metrics-detail").textContent = [
     `uptime ${number(metrics.uptimeSeconds, 0)} s`,
+    brokerSummary(metrics.router ?? {}),
     `connections ${connections.total ?? "–"} total, ${connections.failed ?? "–"} failed`,
     `${counters.eventsPublished ?? "–"} events published`,
     `${counters.deliveries ?? "–"} deliveries`,
@@ -400,6 +401,14 @@ function renderMetrics(metrics) {
     `percentiles since start (${delivery.count ?? 0} deliveries timed)`,
   ].filter(Boolean).join(" · ");
   redraw();
+}
+
+/** Which broker the node uses and, for a shared one, whether it answers and how far behind the node is. */
+function brokerSummary(router) {
+  if (!router.engine) return null;
+  if (router.engine === "memory") return "broker memory";
+  const state = router.ready ? "ready" : "UNREACHABLE";
+  return `broker ${router.engine} ${state}, ${router.followedChannels ?? "–"} channels followed, live lag ${number(router.liveLagSeconds, 1)} s`;
 }
 
 function number(value, digits = 1) {
