@@ -24,9 +24,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected, connect_websocket_url
+from trio_websocket import CloseReason, ConnectionClosed, connect_websocket_url
 
 from ..protocol import (
     Ack,
@@ -39,7 +38,6 @@ from ..protocol import (
     ProtocolError,
     PublishedEvent,
     ReplyType,
-    Welcome,
     as_published,
     channel_problem,
     converter,
@@ -50,6 +48,7 @@ from ._backoff import backoff_delay
 from ._dispatch import Dispatcher, EventStream, Handler
 from ._errors import ClientClosed, CommandError, ConnectionLost
 from ._options import ClientOptions, ClientState, make_options
+from ._outcome import Outcome, failure, give_up_reason, read_welcome
 from ._pacing import Pacer
 from ._positions import Gap, Positions
 from ._refresh import keep_token_fresh
@@ -60,15 +59,6 @@ log = logging.getLogger("kaldrix.client")
 
 CLOSE_TIMEOUT = 2.0
 _CHANNEL_PATH = re.compile(r"^payload\.channels\[(\d+)\]$")
-
-
-@attrs.frozen
-class _Outcome:
-    """How one connection attempt ended."""
-
-    error: str
-    code: int | None = None
-    fatal: bool = False
 
 
 class KaldrixClient:
@@ -283,7 +273,7 @@ class KaldrixClient:
             if self._closing:
                 return
             state.connection_error = outcome.error
-            give_up = self._give_up_reason(outcome)
+            give_up = give_up_reason(outcome, options, state.reconnect_attempts)
             if give_up:
                 state.connection_error = f"{outcome.error}; {give_up}"
                 log.error("%s: %s", self.url, state.connection_error)
@@ -297,22 +287,7 @@ class KaldrixClient:
             log.warning("%s: %s; reconnecting to %s in %.2fs (attempt %d)", failed_url, outcome.error, self.url, delay, state.reconnect_attempts)
             await trio.sleep(delay)
 
-    def _give_up_reason(self, outcome: _Outcome) -> str | None:
-        options = self.options
-        if outcome.fatal:
-            return "not reconnecting"
-        if outcome.code == CloseCode.FORBIDDEN:
-            return "forbidden: not reconnecting"
-        if outcome.code == CloseCode.AUTH_FAILED and not callable(options.token):
-            return "authentication failed and the token cannot change: not reconnecting"
-        if not options.auto_reconnect:
-            return "auto_reconnect is off"
-        limit = options.max_reconnect_attempts
-        if limit is not None and self.state.reconnect_attempts >= limit:
-            return f"gave up after {self.state.reconnect_attempts} reconnect attempt(s)"
-        return None
-
-    async def _connect_once(self) -> _Outcome:
+    async def _connect_once(self) -> Outcome:
         """One connection from handshake to close; never raises (but for cancellation)."""
         try:
             headers = await self._handshake_headers()
@@ -326,7 +301,7 @@ class KaldrixClient:
                             extra_headers=headers,
                             max_message_size=self.options.max_message_size,
                         )
-                        welcome = await _read_welcome(ws)
+                        welcome = await read_welcome(ws)
                     session = Session(ws, welcome, stale_after=stale_after(self.options.stale_after, welcome.channel_heartbeat))
                     return await self._serve(session)
                 finally:
@@ -335,7 +310,7 @@ class KaldrixClient:
                         socket_nursery.cancel_scope.deadline, trio.current_time() + CLOSE_TIMEOUT
                     )
         except Exception as exc:  # noqa: BLE001 - every failure to connect is retried or reported
-            return _failure(exc)
+            return failure(exc)
 
     async def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(name.encode(), value.encode()) for name, value in self.options.headers.items()]
@@ -349,7 +324,7 @@ class KaldrixClient:
         self._token = token or None
         return headers
 
-    async def _serve(self, session: Session) -> _Outcome:
+    async def _serve(self, session: Session) -> Outcome:
         self._session = session
         self.state.is_connected = True
         self.state.session_id = session.session_id
@@ -378,8 +353,8 @@ class KaldrixClient:
         if session.refusal:
             text = f"{text} ({session.refusal})"
         if session.fatal:
-            return _Outcome(session.fatal, code, fatal=True)
-        return _Outcome(text, code)
+            return Outcome(session.fatal, code, fatal=True)
+        return Outcome(text, code)
 
     async def _read(self, session: Session) -> CloseReason | None:
         """Read frames until the connection closes; the only writer of the offset table."""
@@ -584,17 +559,6 @@ class KaldrixClient:
             raise ValueError(problem)
 
 
-class _NoWelcome(Exception):
-    """The peer spoke, but not the kaldrix protocol."""
-
-
-async def _read_welcome(ws: Any) -> Welcome:
-    message = decode_message(await ws.get_message())
-    if isinstance(message, ProtocolError) or not isinstance(message.payload, Welcome):
-        raise _NoWelcome(f"expected WELCOME from the server, got {str(message)[:200]}")
-    return message.payload
-
-
 def _published(event: Envelope | PublishedEvent | Mapping[str, Any]) -> dict[str, Any]:
     """The wire form of one event inside PUBLISH, always with an id."""
     if isinstance(event, Envelope):
@@ -608,26 +572,6 @@ def _published(event: Envelope | PublishedEvent | Mapping[str, Any]) -> dict[str
     if not wire.get("id"):
         wire["id"] = new_id()
     return wire
-
-
-def _failure(exc: BaseException) -> _Outcome:
-    """How a connection attempt failed, from the first real error in (nested) groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = next((e for e in exc.exceptions if not isinstance(e, trio.Cancelled)), exc.exceptions[0])
-    if isinstance(exc, ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return _Outcome("connection closed before WELCOME")
-        return _Outcome(f"connection closed before WELCOME: {reason.code} {reason.reason or reason.name}", reason.code)
-    if isinstance(exc, _NoWelcome):
-        return _Outcome(str(exc))
-    if isinstance(exc, ConnectionRejected):
-        return _Outcome(f"the server refused the WebSocket: HTTP {exc.status_code}")
-    if isinstance(exc, trio.TooSlowError):
-        return _Outcome("timed out connecting")
-    if isinstance(exc, OSError):
-        return _Outcome(f"cannot connect: {exc.strerror or exc}")
-    return _Outcome(f"{type(exc).__name__}: {exc}")
 
 
 @asynccontextmanager
