@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "bench" / "peers"
 sys.path.insert(0, str(ROOT))
 
-from kaldrix.bench._server import ServerProcess  # noqa: E402
+from kaldrix.bench._server import ServerProcess, wait_ready  # noqa: E402
 
 KALDRIX_ENV = {
     "kaldrix": {},
@@ -176,20 +176,12 @@ def start_node(env: dict[str, str]) -> tuple[int, subprocess.Popen]:
     says so (its broker is reachable); its port and process."""
     node = ServerProcess(cpu=0 if pin_cpu0() else None)
     process = subprocess.Popen(node.command(), env=env, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"kaldrix serve exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", node.port), timeout=1) as sock:
-                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                    return node.port, process
-        except OSError:
-            pass
-        time.sleep(0.1)
-    stop_process(process)
-    raise RuntimeError(f"kaldrix serve on {node.port} not ready")
+    try:
+        wait_ready(process, "127.0.0.1", node.port)
+    except RuntimeError:
+        stop_process(process)
+        raise
+    return node.port, process
 
 
 def bench_command(scenario: str, save: Path, extra: list[str]) -> list[str]:

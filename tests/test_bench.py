@@ -161,24 +161,16 @@ def test_stress_steps_are_judged_on_p99_losses_and_keeping_up() -> None:
 
 def _ready_node(env: dict[str, str]) -> tuple[int, subprocess.Popen[bytes]]:
     """A `kaldrix serve` as the harness starts its own, once /readyz says its broker is up."""
-    import time
-
-    from kaldrix.bench._server import ServerProcess
+    from kaldrix.bench._server import ServerProcess, wait_ready
 
     node = ServerProcess()
     process = subprocess.Popen(node.command(), env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", node.port), timeout=1) as sock:
-                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                    return node.port, process
-        except OSError:
-            pass
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError("kaldrix serve did not become ready")
+    try:
+        wait_ready(process, "127.0.0.1", node.port)
+    except RuntimeError:
+        process.kill()
+        raise
+    return node.port, process
 
 
 def test_publishing_through_another_node_measures_cross_node_delivery(redis_server: Any) -> None:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -64,6 +65,24 @@ async def scraped_rss_bytes(host: str, port: int, token: str | None = None) -> i
         if line.startswith("process_resident_memory_bytes "):
             return int(float(line.split()[1]))
     return 0
+
+
+def wait_ready(process: subprocess.Popen[bytes], host: str, port: int, limit: float = 30.0) -> None:
+    """Block until `kaldrix serve` (the child `process`) answers GET /readyz with 200: it
+    listens and, with a shared broker, reaches it. RuntimeError if it exits or takes longer."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"kaldrix serve exited with {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"kaldrix serve on {host}:{port} was not ready within {limit:g}s")
 
 
 class ServerProcess:
