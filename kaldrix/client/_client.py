@@ -446,10 +446,7 @@ class KaldrixClient:
             except CommandError as exc:
                 if exc.error.code == ErrorCode.UNAVAILABLE:
                     # The node cannot reach its broker: another attempt (or node) will.
-                    session.refusal = f"the server cannot resubscribe now: {exc}"
-                    log.warning("%s: %s: reconnecting", self.url, session.refusal)
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await session.ws.aclose(CloseCode.GOING_AWAY, "broker unavailable")
+                    await self._give_up_session(session, f"the server cannot resubscribe now: {exc}", "broker unavailable")
                     return
                 match = _CHANNEL_PATH.match(exc.error.path or "")
                 if match is None or int(match[1]) >= len(channels):
@@ -496,10 +493,7 @@ class KaldrixClient:
                 except ConnectionLost:
                     return
             if scope.cancelled_caught:
-                session.refusal = f"no PONG within {self.options.ping_timeout}s"
-                log.warning("%s: %s: reconnecting", self.url, session.refusal)
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await session.ws.aclose(CloseCode.GOING_AWAY, "ping timeout")
+                await self._give_up_session(session, f"no PONG within {self.options.ping_timeout}s", "ping timeout")
                 return
 
     async def _watch_channels(self, session: Session) -> None:
@@ -527,13 +521,18 @@ class KaldrixClient:
                 except CommandError as exc:
                     log.error("%s: resubscribing %s refused: %s", self.url, ", ".join(channels), exc)
             if waited.cancelled_caught:
-                session.refusal = f"no answer to resubscribing {', '.join(channels)} within {patience}s"
-                log.warning("%s: %s: reconnecting", self.url, session.refusal)
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await session.ws.aclose(CloseCode.GOING_AWAY, "stalled subscription")
+                refusal = f"no answer to resubscribing {', '.join(channels)} within {patience}s"
+                await self._give_up_session(session, refusal, "stalled subscription")
                 return
 
     # -- helpers --------------------------------------------------------------------------
+
+    async def _give_up_session(self, session: Session, refusal: str, close_reason: str) -> None:
+        """Close a connection that stopped serving us (1001); the connect loop reconnects."""
+        session.refusal = refusal
+        log.warning("%s: %s: reconnecting", self.url, refusal)
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await session.ws.aclose(CloseCode.GOING_AWAY, close_reason)
 
     def _record_latency(self, seconds: float) -> float:
         self.state.message_latency = milliseconds = seconds * 1000.0
