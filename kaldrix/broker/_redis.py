@@ -373,10 +373,8 @@ class RedisEngine:
 def _backlog(pubsub: Any) -> int:
     """How many live messages wait to be handled (0 when not known)."""
     stream = getattr(pubsub, "_receive_stream", None)
-    try:
-        return int(stream.statistics().current_buffer_used) if stream is not None else 0
-    except Exception:  # noqa: BLE001 - a statistic, never worth failing for
-        return 0
+    statistics = getattr(stream, "statistics", None)
+    return int(statistics().current_buffer_used) if statistics is not None else 0
 
 
 def _waiting_messages(pubsub: Any) -> list[Any]:
@@ -384,16 +382,13 @@ def _waiting_messages(pubsub: Any) -> list[Any]:
 
     coredis reads the Pub/Sub connection eagerly into an unbounded queue and hands out one
     message per `get_message`; taking what is queued at once lets a node that fell behind
-    write several events per client write, and see how far behind it is. This reaches
-    into coredis (pinned to 6.x); without the queue it finds, it takes nothing.
+    write several events per client write. This reaches into coredis (pinned to 6.x);
+    without the queue it finds, it takes nothing.
     """
-    stream = getattr(pubsub, "_receive_stream", None)
-    receive = getattr(stream, "receive_nowait", None)
-    if receive is None:
-        return []
+    receive = getattr(getattr(pubsub, "_receive_stream", None), "receive_nowait", None)
     waiting = []
     try:
-        for _ in range(stream.statistics().current_buffer_used):
+        for _ in range(_backlog(pubsub) if receive is not None else 0):
             waiting.append(receive())
     except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
         pass
